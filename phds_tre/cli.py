@@ -18,6 +18,58 @@ def cli() -> None:
     """phds_tre: federated paediatric analyses with statistical disclosure control."""
 
 
+@cli.command("check")
+@click.argument("notebook", metavar="NOTEBOOK.ipynb")
+@click.option(
+    "--policy",
+    "policy_path",
+    metavar="FILE",
+    default=None,
+    help="Site disclosure policy (TOML). Default: the built-in defaults.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Report as a table for people or as a JSON document.",
+)
+@click.option(
+    "--write",
+    "write_path",
+    metavar="CHECKED.ipynb",
+    default=None,
+    help="Also write the notebook with each verdict stored in its output's metadata.",
+)
+def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: str | None) -> None:
+    """Check every output of an executed notebook with the disclosure rules.
+
+    Each output gets a verdict, pass, review or fail, with its reasons; the
+    notebook's verdict is its worst output's.
+
+    \b
+    Exit status:
+      0  every output passes
+      3  the worst verdict is review (a site reviewer decides)
+      4  the worst verdict is fail (withheld)
+      2  bad input: unreadable or malformed notebook, bad policy file,
+         or the --write file cannot be written
+    """
+    # Imported here so that `phds --help` does not load the checker.
+    from phds_tre.check.command import CheckInputError, run_check
+
+    try:
+        code = run_check(
+            notebook, policy_path=policy_path, fmt=fmt, write_path=write_path, echo=click.echo
+        )
+    except CheckInputError as exc:
+        message = " ".join(str(exc).split())
+        click.echo(f"phds: error: {message}", err=True)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="phds")

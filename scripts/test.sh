@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine and run every test: lint, types, unit and
+# integration tests, and a smoke run of the benchmark harness.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+echo "== ruff"
+.venv/bin/ruff check phds_tre tests benchmarks
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/pytest "$@"
