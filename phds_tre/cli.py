@@ -7,6 +7,8 @@ a user can fix are printed as one line (``phds: error: ...``) with exit status
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from phds_tre import __version__
@@ -68,6 +70,37 @@ def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: 
         click.echo(f"phds: error: {message}", err=True)
         raise SystemExit(2) from None
     raise SystemExit(code)
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Folder for the executed notebook, the checked notebook and the report.",
+)
+@click.option(
+    "--policy",
+    "policy_path",
+    metavar="FILE",
+    default=None,
+    help="Site disclosure policy (TOML). Default: the built-in defaults.",
+)
+def demo_command(out_dir: Path, policy_path: str | None) -> None:
+    """Run the local demo: execute the example study and check every output."""
+    from phds_tre.demo import run_demo
+    from phds_tre.sdc.policy import DEFAULT_POLICY, PolicyError, load_policy
+
+    try:
+        policy = load_policy(policy_path) if policy_path else DEFAULT_POLICY
+    except PolicyError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    result = run_demo(out_dir, policy=policy, echo=click.echo)
+    counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
+    click.echo(f"demo finished: {counts}; notebook verdict {result.status}")
 
 
 def main() -> None:

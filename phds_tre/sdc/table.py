@@ -145,6 +145,8 @@ class TableEvidence:
         r, c = self.shape
         if self.layout not in ("pivot", "series", "describe"):
             raise EvidenceError(f"unknown layout {self.layout!r}")
+        if self.frequency and any(b.stat.key not in ("size", "count") for b in self.blocks):
+            raise EvidenceError("a frequency table can only hold counts")
         for b in self.blocks:
             ms = b.ms
             name = f"block {b.stat.key}({b.value})"
@@ -164,11 +166,17 @@ class TableEvidence:
                     raise EvidenceError(f"{name}: margins of {f} are not the sums of the cells")
             top = ms.top
             finite = np.isfinite(top)
-            if top.shape[0] >= 2 and np.any(np.diff(np.where(finite, top, -np.inf), axis=0) > 0):
+            if top.shape[0] >= 2 and np.any(top[1:] > top[:-1]):
                 raise EvidenceError(f"{name}: largest contributions are not in descending order")
             present = finite.sum(axis=0)
-            if np.any(present > ms.n) or np.any(present < np.minimum(ms.n, top.shape[0])):
-                raise EvidenceError(f"{name}: number of largest contributions does not match n")
+            if np.any(present > ms.n):
+                raise EvidenceError(f"{name}: more largest contributions than contributors")
+            if b.stat.magnitude or b.stat.order:
+                if b.value is None:
+                    raise EvidenceError(f"{name}: a {b.stat.name} needs a values column")
+                # Dominance is judged on these: a missing contribution would hide one.
+                if np.any(present < np.minimum(ms.n, top.shape[0])):
+                    raise EvidenceError(f"{name}: number of largest contributions does not match n")
             if b.value is not None:
                 nonneg = ms.n_negative == 0
                 topsum = np.where(finite, top, 0).sum(axis=0)
@@ -416,7 +424,8 @@ def _display_labels(ev: TableEvidence) -> tuple[list[object], list[list[object]]
     for b in ev.blocks:
         if ev.layout == "describe":
             # A describe block is one cell: its column is the variable (rows: _block_rows).
-            per_block.append([b.value] * (len(ev.col_labels) + 1))
+            variable: list[object] = [b.value] * (len(ev.col_labels) + 1)
+            per_block.append(variable)
             continue
         prefix: tuple[object, ...] = ()
         if ev.agg_level:
