@@ -31,7 +31,10 @@ class DemoResult:
 def default_notebook() -> Path:
     """The example study: shipped in the wheel, or found beside the package in a checkout."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "_notebooks" / "example.ipynb", here.parent / "notebooks" / "example.ipynb"):
+    for candidate in (
+        here / "_notebooks" / "example.ipynb",
+        here.parent / "notebooks" / "example.ipynb",
+    ):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("the example notebook (notebooks/example.ipynb) is not installed")
@@ -71,7 +74,9 @@ def run_demo(
     summary = to_json(report, str(executed))
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     echo(format_text(report, str(executed)))
-    counts = {s: sum(1 for o in report.outputs if o.status == s) for s in ("pass", "review", "fail")}
+    counts = {
+        s: sum(1 for o in report.outputs if o.status == s) for s in ("pass", "review", "fail")
+    }
     echo(
         f"== wrote {out_dir}/executed.ipynb, checked.ipynb (verdicts in metadata.phds.verdict) "
         f"and report.json"

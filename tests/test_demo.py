@@ -10,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from phds_tre.check.notebook import stored_verdict
+
 PHDS = Path(sys.executable).with_name("phds")
 
 
@@ -17,7 +19,11 @@ PHDS = Path(sys.executable).with_name("phds")
 def test_demo_executes_and_checks_the_example_study(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [str(PHDS), "demo", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False
+        [str(PHDS), "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "demo finished" in proc.stdout
@@ -29,10 +35,10 @@ def test_demo_executes_and_checks_the_example_study(tmp_path: Path) -> None:
     checked = nbformat.read(out / "checked.ipynb", as_version=4)
     nbformat.validate(checked)
     verdicts = [
-        o.metadata["phds"]["verdict"]["status"]
-        for c in checked.cells
+        stored_verdict(checked, ci, oi)["status"]
+        for ci, c in enumerate(checked.cells)
         if c.cell_type == "code"
-        for o in c.outputs
+        for oi in range(len(c.outputs))
     ]
     assert verdicts == statuses
     # the raw printout of rows is never passed
@@ -45,7 +51,10 @@ def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
     bad.write_text("min_count = -1\n")
     proc = subprocess.run(
         [str(PHDS), "demo", "--out", str(tmp_path / "o"), "--policy", str(bad)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("phds: error:") and "min_count" in proc.stderr

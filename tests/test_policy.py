@@ -18,7 +18,14 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_match_the_design() -> None:
     p = DEFAULT_POLICY
-    assert (p.min_count, p.zeros_disclosive, p.nk_n, p.nk_k, p.p_ratio, p.min_dof) == (10, True, 2, 0.9, 0.10, 10)
+    assert (p.min_count, p.zeros_disclosive, p.nk_n, p.nk_k, p.p_ratio, p.min_dof) == (
+        10,
+        True,
+        2,
+        0.9,
+        0.10,
+        10,
+    )
     assert p.rounding == "none"
     assert p.effective_protection == 10
     assert set(p.single_value_statistics) == {"min", "max", "mode", "first", "last"}
@@ -42,7 +49,9 @@ suppressed_verdict = "pass"
 """,
     )
     p = load_policy(path)
-    assert p.min_count == 5 and p.nk_n == 3 and p.rounding == "base5" and p.effective_protection == 7
+    assert (
+        p.min_count == 5 and p.nk_n == 3 and p.rounding == "base5" and p.effective_protection == 7
+    )
     assert p.single_value_statistics == ("mode",)
     assert p.hash != DEFAULT_POLICY.hash
 

@@ -19,7 +19,9 @@ def _cohort(seed: int = 7, n: int = 400) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame(
         {
-            "ward": rng.choice(["PICU", "cardiac", "oncology", "neonatal"], n, p=[0.4, 0.3, 0.27, 0.03]),
+            "ward": rng.choice(
+                ["PICU", "cardiac", "oncology", "neonatal"], n, p=[0.4, 0.3, 0.27, 0.03]
+            ),
             "sex": rng.choice(["F", "M"], n),
             "age_band": rng.choice(["0-1", "1-5", "5-12", "12-18"], n),
             "los": rng.gamma(2.0, 3.0, n).round(1),
@@ -100,7 +102,9 @@ def test_claimed_status_is_never_trusted() -> None:
     result = sdc.recheck(forged, sdc.DEFAULT_POLICY)
     assert result.status == "review"
     assert result.output is not None
-    assert result.output.table.loc["neonatal"].isna().all()  # rebuilt from evidence, not the fake table
+    assert (
+        result.output.table.loc["neonatal"].isna().all()
+    )  # rebuilt from evidence, not the fake table
 
 
 @pytest.mark.parametrize(
@@ -118,7 +122,9 @@ def test_claimed_status_is_never_trusted() -> None:
 )
 def test_forged_evidence_fails(tamper: str) -> None:
     df = _cohort()
-    payload = _payload(sdc.pivot_table(df, values="los", index="ward", columns="sex", aggfunc="sum", margins=True))
+    payload = _payload(
+        sdc.pivot_table(df, values="los", index="ward", columns="sex", aggfunc="sum", margins=True)
+    )
     ev = payload["evidence"]
     block = ev["blocks"][0]
     if tamper == "inflate_n":  # claim 50 children in the small neonatal cells
@@ -144,14 +150,18 @@ def test_forged_evidence_fails(tamper: str) -> None:
     assert result.reasons and all(isinstance(r, str) for r in result.reasons)
 
 
-@pytest.mark.parametrize("payload", [None, [], {"schema": "other"}, {"schema": "phds.output", "version": 99}])
+@pytest.mark.parametrize(
+    "payload", [None, [], {"schema": "other"}, {"schema": "phds.output", "version": 99}]
+)
 def test_malformed_payloads_fail_with_a_reason(payload: Any) -> None:
     result = sdc.recheck(payload, sdc.DEFAULT_POLICY)
     assert result.status == "fail" and result.reasons
 
 
 def test_unknown_kind_fails() -> None:
-    result = sdc.recheck({"schema": "phds.output", "version": 1, "kind": "spreadsheet"}, sdc.DEFAULT_POLICY)
+    result = sdc.recheck(
+        {"schema": "phds.output", "version": 1, "kind": "spreadsheet"}, sdc.DEFAULT_POLICY
+    )
     assert result.status == "fail" and "kind" in result.reasons[0]
 
 
@@ -198,7 +208,10 @@ def test_margins_are_cells_and_get_secondary_suppression() -> None:
 
 def test_single_small_cell_in_two_by_two_gets_protected() -> None:
     df = pd.DataFrame(
-        {"a": ["x"] * 3 + ["x"] * 40 + ["y"] * 50 + ["y"] * 60, "b": ["p"] * 3 + ["q"] * 40 + ["p"] * 50 + ["q"] * 60}
+        {
+            "a": ["x"] * 3 + ["x"] * 40 + ["y"] * 50 + ["y"] * 60,
+            "b": ["p"] * 3 + ["q"] * 40 + ["p"] * 50 + ["q"] * 60,
+        }
     )
     out = sdc.crosstab(df.a, df.b, margins=True)
     sec = out.checks[out.checks.rule == "secondary"]
@@ -219,7 +232,9 @@ def test_checks_list_secondary_cells() -> None:
 
 def test_sum_tables_with_margins_are_protected() -> None:
     df = _cohort()
-    out = sdc.pivot_table(df, values="los", index="ward", columns="sex", aggfunc="sum", margins=True)
+    out = sdc.pivot_table(
+        df, values="los", index="ward", columns="sex", aggfunc="sum", margins=True
+    )
     assert out.table.loc["neonatal", ["F", "M"]].isna().all()
     audit = out.audit()
     assert audit["protected"].all()

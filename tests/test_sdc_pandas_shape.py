@@ -45,7 +45,11 @@ def _assert_same(
     assert list(ours.index.names) == list(theirs.index.names)
     assert list(ours.columns.names) == list(theirs.columns.names)
     np.testing.assert_allclose(
-        ours.to_numpy(dtype=float), theirs.to_numpy(dtype=float), rtol=1e-9, atol=1e-9, equal_nan=True
+        ours.to_numpy(dtype=float),
+        theirs.to_numpy(dtype=float),
+        rtol=1e-9,
+        atol=1e-9,
+        equal_nan=True,
     )
 
 
@@ -75,11 +79,18 @@ AGGS = ["mean", "sum", "count", "std", "var", "median", "min", "max", "first", "
     index=st.sampled_from([["a"], ["a", "c"]]),
     columns=st.sampled_from([None, ["b"], ["b", "c"]]),
     values=st.sampled_from(["v", ["v"], ["v", "w"]]),
-    aggfunc=st.one_of(st.sampled_from(AGGS), st.lists(st.sampled_from(AGGS), min_size=1, max_size=2, unique=True)),
+    aggfunc=st.one_of(
+        st.sampled_from(AGGS), st.lists(st.sampled_from(AGGS), min_size=1, max_size=2, unique=True)
+    ),
     margins=st.booleans(),
 )
 def test_pivot_table_matches_pandas(
-    df: pd.DataFrame, index: list[str], columns: list[str] | None, values: Any, aggfunc: Any, margins: bool
+    df: pd.DataFrame,
+    index: list[str],
+    columns: list[str] | None,
+    values: Any,
+    aggfunc: Any,
+    margins: bool,
 ) -> None:
     if columns is not None and set(columns) & set(index):
         return
@@ -97,7 +108,10 @@ def test_pivot_table_matches_pandas(
         # A statistic undefined for whole rows or columns (the std of one-child
         # groups): pandas 3.1 drops or keeps such rows and margins inconsistently
         # between its per-aggfunc pieces. Ours drops them; nothing is published there.
-        assert not np.isfinite(out.table.to_numpy(dtype=float)).sum() > np.isfinite(theirs.to_numpy(dtype=float)).sum()
+        assert (
+            not np.isfinite(out.table.to_numpy(dtype=float)).sum()
+            > np.isfinite(theirs.to_numpy(dtype=float)).sum()
+        )
         return
     # A single contributor holds 100% of its cell: NK dominance still suppresses it.
     _assert_same(out.table, theirs, out.suppressed)
@@ -110,13 +124,23 @@ def test_crosstab_counts_match_pandas(df: pd.DataFrame, margins: bool, multi: bo
     theirs = pd.crosstab(index, df.b, margins=margins)
     ours = sdc.crosstab(index, df.b, margins=margins, policy=OPEN).table
     _assert_same(ours, theirs)
-    assert ours.dtypes.map(lambda d: d.kind).eq("i").all()  # counts stay integers when nothing is suppressed
+    assert (
+        ours.dtypes.map(lambda d: d.kind).eq("i").all()
+    )  # counts stay integers when nothing is suppressed
 
 
-@pytest.mark.parametrize("aggfunc", ["mean", np.mean, "sum", np.sum, "std", np.std, "median", np.median, len])
+@pytest.mark.parametrize(
+    "aggfunc", ["mean", np.mean, "sum", np.sum, "std", np.std, "median", np.median, len]
+)
 def test_crosstab_values_match_pandas(aggfunc: Any) -> None:
     rng = np.random.default_rng(3)
-    df = pd.DataFrame({"a": rng.choice(list("xyz"), 200), "b": rng.choice(list("pq"), 200), "v": rng.gamma(2, 3, 200)})
+    df = pd.DataFrame(
+        {
+            "a": rng.choice(list("xyz"), 200),
+            "b": rng.choice(list("pq"), 200),
+            "v": rng.gamma(2, 3, 200),
+        }
+    )
     theirs = pd.crosstab(df.a, df.b, values=df.v, aggfunc=aggfunc, margins=True)
     out = sdc.crosstab(df.a, df.b, values=df.v, aggfunc=aggfunc, margins=True, policy=OPEN)
     _assert_same(out.table, theirs, out.suppressed)
@@ -139,7 +163,9 @@ def test_missing_keys_are_dropped_as_in_pandas() -> None:
 
 def test_categorical_and_numeric_keys() -> None:
     rng = np.random.default_rng(5)
-    df = pd.DataFrame({"age": rng.integers(0, 4, 100), "sex": pd.Categorical(rng.choice(["F", "M"], 100))})
+    df = pd.DataFrame(
+        {"age": rng.integers(0, 4, 100), "sex": pd.Categorical(rng.choice(["F", "M"], 100))}
+    )
     _assert_same(sdc.crosstab(df.age, df.sex, policy=OPEN).table, pd.crosstab(df.age, df.sex))
 
 

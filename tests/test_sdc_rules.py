@@ -71,7 +71,9 @@ def test_nk_boundary(x2: float, expected: str) -> None:
 
 
 # ---- p% rule: fails when (total - x1 - x2) / x1 < p ------------------------
-@pytest.mark.parametrize(("rest", "expected"), [([1, 1, 1, 1, 1, 0, 0, 0], "pass"), ([1, 1, 1, 1, 0, 0, 0, 0], "fail")])
+@pytest.mark.parametrize(
+    ("rest", "expected"), [([1, 1, 1, 1, 1, 0, 0, 0], "pass"), ([1, 1, 1, 1, 0, 0, 0, 0], "fail")]
+)
 def test_p_percent_boundary(rest: list[float], expected: str) -> None:
     # x1 = 50, x2 = 40: remainder 5 → 5/50 = 0.10 exactly passes; 4 fails
     df = _cell_frame({"x": [50, 40, *rest], "y": [10.0] * 10})

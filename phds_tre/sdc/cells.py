@@ -63,7 +63,9 @@ def _python_scalar(value: object) -> object:
     return value
 
 
-def _axis(keys: Sequence[pd.Series | np.ndarray], n: int) -> tuple[np.ndarray, list[Label], np.ndarray]:
+def _axis(
+    keys: Sequence[pd.Series | np.ndarray], n: int
+) -> tuple[np.ndarray, list[Label], np.ndarray]:
     """Codes of the observed key combinations of one axis, sorted lexicographically."""
     if not keys:
         return np.zeros(n, dtype=np.int64), [()], np.ones(n, dtype=bool)
@@ -81,8 +83,10 @@ def _axis(keys: Sequence[pd.Series | np.ndarray], n: int) -> tuple[np.ndarray, l
         present = np.bincount(combined[valid], minlength=len(level_uniques[0])) > 0
         remap = np.cumsum(present) - 1
         codes = np.where(valid, remap[np.maximum(combined, 0)], -1)
-        labels = [(_python_scalar(level_uniques[0][i]),) for i in np.flatnonzero(present)]
-        return codes, labels, valid
+        single: list[Label] = [
+            (_python_scalar(level_uniques[0][i]),) for i in np.flatnonzero(present)
+        ]
+        return codes, single, valid
     # Mixed-radix code of the combination; factorize(sort=True) keeps lexicographic order.
     combined = np.zeros(n, dtype=np.int64)
     for codes, uniques in zip(level_codes, level_uniques, strict=True):
@@ -132,12 +136,8 @@ def group_rows(
         # Labels observed only in dropped rows must disappear, as in pandas.
         row_codes, row_labels = _compact(row_codes, row_labels)
         col_codes, col_labels = _compact(col_codes, col_labels)
-    rn = list(index_names) if index_names is not None else [
-        _name(k, None) for k in index_keys
-    ]
-    cn = list(column_names) if column_names is not None else [
-        _name(k, None) for k in column_keys
-    ]
+    rn = list(index_names) if index_names is not None else [_name(k, None) for k in index_keys]
+    cn = list(column_names) if column_names is not None else [_name(k, None) for k in column_keys]
     return Grouping(row_codes, col_codes, row_labels, col_labels, rn, cn, keep)
 
 
@@ -300,9 +300,7 @@ def measure_stats(grouping: Grouping, values: np.ndarray | None, k: int) -> Meas
     )
 
 
-def _grouped_order_statistic(
-    grouping: Grouping, values: np.ndarray, stat: Statistic
-) -> np.ndarray:
+def _grouped_order_statistic(grouping: Grouping, values: np.ndarray, stat: Statistic) -> np.ndarray:
     """median/mode/first/last per cell and margin: not decomposable, so group four times."""
     r, c = grouping.shape
     if grouping.keep is not None:
@@ -310,7 +308,10 @@ def _grouped_order_statistic(
     s = pd.Series(np.asarray(values, dtype=np.float64))
     out = np.full((r + 1, c + 1), np.nan)
     groupings = [
-        (grouping.cell_codes, lambda res: out.__setitem__((slice(0, r), slice(0, c)), res.reshape(r, c))),
+        (
+            grouping.cell_codes,
+            lambda res: out.__setitem__((slice(0, r), slice(0, c)), res.reshape(r, c)),
+        ),
         (grouping.row_codes, lambda res: out.__setitem__((slice(0, r), c), res)),
         (grouping.col_codes, lambda res: out.__setitem__((r, slice(0, c)), res)),
         (np.zeros(len(s), dtype=np.int64), lambda res: out.__setitem__((r, c), res[0])),

@@ -22,7 +22,8 @@ def array_to_json(a: np.ndarray) -> list[Any]:
     arr = np.asarray(a, dtype=np.float64)
     obj = arr.astype(object)
     obj[~np.isfinite(arr)] = None
-    return obj.tolist()  # type: ignore[no-any-return]
+    result: list[Any] = obj.tolist()
+    return result
 
 
 def array_from_json(data: Any, fill: float = np.nan) -> np.ndarray:
@@ -32,8 +33,8 @@ def array_from_json(data: Any, fill: float = np.nan) -> np.ndarray:
     """
     try:
         arr = np.array(data, dtype=object)
-        mask = np.equal(arr, None)
-        arr[mask] = fill
+        is_none = np.frompyfunc(lambda x: x is None, 1, 1)
+        arr[is_none(arr).astype(bool)] = fill
         return arr.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"not a numeric array: {exc}") from None

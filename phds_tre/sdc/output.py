@@ -157,7 +157,7 @@ class SDCOutput(ABC):
             f"<code>{html.escape(self.policy.hash[7:19])}</code></div>"
             f"{self._table_html()}"
             f"<ul>{reasons}</ul></div>"
-        ).replace('<td><i>suppressed</i></td>', '<td style="color:#888"><i>suppressed</i></td>')
+        ).replace("<td><i>suppressed</i></td>", '<td style="color:#888"><i>suppressed</i></td>')
 
     def __repr__(self) -> str:
         lines = [f"[{self.status.upper()}] sdc.{self.call}"]
@@ -165,9 +165,7 @@ class SDCOutput(ABC):
         lines.extend(f"- {r}" for r in self.reasons)
         return "\n".join(lines)
 
-    def _repr_mimebundle_(
-        self, include: object = None, exclude: object = None
-    ) -> dict[str, Any]:
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, Any]:
         return {
             MIME_TYPE: json.loads(json.dumps(self.to_payload(), allow_nan=False)),
             "text/html": self._repr_html_(),

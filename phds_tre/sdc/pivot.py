@@ -58,19 +58,31 @@ def _blocks(
     k: int,
     order: str,
 ) -> list[Block]:
-    measures = [
-        measure_stats(grouping, arr, k) for _, arr in value_columns
-    ]
+    measures = [measure_stats(grouping, arr, k) for _, arr in value_columns]
     blocks: list[Block] = []
     if order == "agg_major":  # pandas: for each aggfunc, every value
         for si in range(len(stats_per_value[0])):
             for vi, (name, arr) in enumerate(value_columns):
                 stat = stats_per_value[vi][si]
-                blocks.append(Block(stat, name, statistic_values(grouping, arr, stat, measures[vi]), measures[vi]))
+                blocks.append(
+                    Block(
+                        stat,
+                        name,
+                        statistic_values(grouping, arr, stat, measures[vi]),
+                        measures[vi],
+                    )
+                )
     else:
         for vi, (name, arr) in enumerate(value_columns):
             for stat in stats_per_value[vi]:
-                blocks.append(Block(stat, name, statistic_values(grouping, arr, stat, measures[vi]), measures[vi]))
+                blocks.append(
+                    Block(
+                        stat,
+                        name,
+                        statistic_values(grouping, arr, stat, measures[vi]),
+                        measures[vi],
+                    )
+                )
     return blocks
 
 
@@ -103,13 +115,19 @@ def crosstab(
     n = len(index_keys[0])
     for key in [*index_keys, *column_keys]:
         if len(key) != n:
-            raise ValueError(f"all index and column arrays must have the same length ({n}), got {len(key)}")
-    rn = list(rownames) if rownames is not None else [
-        _series_name(k, f"row_{i}") for i, k in enumerate(index_keys)
-    ]
-    cn = list(colnames) if colnames is not None else [
-        _series_name(k, f"col_{i}") for i, k in enumerate(column_keys)
-    ]
+            raise ValueError(
+                f"all index and column arrays must have the same length ({n}), got {len(key)}"
+            )
+    rn = (
+        list(rownames)
+        if rownames is not None
+        else [_series_name(k, f"row_{i}") for i, k in enumerate(index_keys)]
+    )
+    cn = (
+        list(colnames)
+        if colnames is not None
+        else [_series_name(k, f"col_{i}") for i, k in enumerate(column_keys)]
+    )
     grouping = group_rows(index_keys, column_keys, n, rn, cn)
     k = max(pol.nk_n, 2)
     if values is None:
@@ -163,7 +181,9 @@ def _names(arg: Any, what: str, data: pd.DataFrame) -> list[str]:
     names = list(arg) if isinstance(arg, (list, tuple)) else [arg]
     for name in names:
         if name not in data.columns:
-            raise KeyError(f"{what} column {name!r} is not in the data (columns: {list(data.columns)})")
+            raise KeyError(
+                f"{what} column {name!r} is not in the data (columns: {list(data.columns)})"
+            )
     return names
 
 
@@ -195,7 +215,9 @@ def pivot_table(
     column_names = _names(columns, "columns", data)
     keys = set(index_names) | set(column_names)
     if values is None:
-        value_names = [c for c in data.columns if c not in keys and pd.api.types.is_numeric_dtype(data[c])]
+        value_names = [
+            c for c in data.columns if c not in keys and pd.api.types.is_numeric_dtype(data[c])
+        ]
         values_level = True
         if not value_names:
             raise ValueError("no numeric value columns to aggregate")
@@ -217,7 +239,11 @@ def pivot_table(
         values_level = True  # pandas labels the columns by value when there are no column keys
     n = len(data)
     grouping = group_rows(
-        [data[c] for c in index_names], [data[c] for c in column_names], n, index_names, column_names
+        [data[c] for c in index_names],
+        [data[c] for c in column_names],
+        n,
+        index_names,
+        column_names,
     )
     k = max(pol.nk_n, 2)
     value_columns: list[tuple[str | None, np.ndarray | None]] = [
@@ -225,7 +251,12 @@ def pivot_table(
     ]
     blocks = _blocks(grouping, value_columns, stats_per_value, k, "agg_major")
     evidence = _evidence(
-        "pivot_table", grouping, blocks, margins, margins_name,
-        values_level=values_level, agg_level=agg_multi,
+        "pivot_table",
+        grouping,
+        blocks,
+        margins,
+        margins_name,
+        values_level=values_level,
+        agg_level=agg_multi,
     )
     return TableOutput(evidence, pol)

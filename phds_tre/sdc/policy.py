@@ -51,7 +51,13 @@ class Policy(BaseModel):
     min_dof: int = Field(10, ge=0, le=1_000_000)
     rounding: Rounding = "none"
     protection: int | None = Field(None, ge=0, le=1_000_000)
-    single_value_statistics: tuple[SingleValueStatistic, ...] = ("min", "max", "mode", "first", "last")
+    single_value_statistics: tuple[SingleValueStatistic, ...] = (
+        "min",
+        "max",
+        "mode",
+        "first",
+        "last",
+    )
     median_min_count: int = Field(
         0,
         ge=0,
@@ -144,4 +150,6 @@ def resolve_policy(policy: Policy | str | Path | None) -> Policy:
         return load_policy(policy)
     if policy is None:
         return _active if _active is not None else DEFAULT_POLICY
-    raise PolicyError(f"policy must be a Policy, a path to a TOML file or None, not {type(policy).__name__}")
+    raise PolicyError(
+        f"policy must be a Policy, a path to a TOML file or None, not {type(policy).__name__}"
+    )

@@ -73,7 +73,9 @@ class RuleResult:
     details: tuple[str, str, str]  # detail text for pass, review, fail
 
 
-def _result(rule: str, applies: np.ndarray, status: np.ndarray, details: tuple[str, str, str]) -> RuleResult:
+def _result(
+    rule: str, applies: np.ndarray, status: np.ndarray, details: tuple[str, str, str]
+) -> RuleResult:
     return RuleResult(rule, applies, status.astype(np.int8), details)
 
 
@@ -187,7 +189,9 @@ def _dominance(ms: MeasureStats, policy: Policy, applies: np.ndarray) -> list[Ru
     ]
 
 
-def _single_value(stat: Statistic, ms: MeasureStats, policy: Policy, applies: np.ndarray) -> RuleResult:
+def _single_value(
+    stat: Statistic, ms: MeasureStats, policy: Policy, applies: np.ndarray
+) -> RuleResult:
     listed = stat.key in policy.single_value_statistics
     status = np.full(ms.n.shape, FAIL if listed else PASS)
     if stat.key == "median" and not listed:
