@@ -7,6 +7,7 @@ source scripts/setup.sh
 
 echo "== ruff"
 .venv/bin/ruff check phds_tre tests benchmarks
+.venv/bin/ruff format --check phds_tre tests benchmarks/*.py
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -192,9 +192,13 @@ def _dominance(ms: MeasureStats, policy: Policy, applies: np.ndarray) -> list[Ru
 def _single_value(
     stat: Statistic, ms: MeasureStats, policy: Policy, applies: np.ndarray
 ) -> RuleResult:
-    listed = stat.key in policy.single_value_statistics
+    # Quartiles are medians of halves: the site's median rules cover them too.
+    is_median = stat.key in ("median", "q25", "q75")
+    listed = stat.key in policy.single_value_statistics or (
+        is_median and "median" in policy.single_value_statistics
+    )
     status = np.full(ms.n.shape, FAIL if listed else PASS)
-    if stat.key == "median" and not listed:
+    if is_median and not listed:
         status = np.where(ms.n < policy.median_min_count, FAIL, PASS)
     return _result(
         "single_value",

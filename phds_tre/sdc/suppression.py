@@ -82,7 +82,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import optimize, sparse
 
 __all__ = [
     "Intervals",
@@ -634,6 +633,9 @@ def protection_intervals(values: np.ndarray, suppressed: np.ndarray, *, margins:
             infeasible).
         RuntimeError: when the solver fails for another reason.
     """
+    # scipy loads lazily: the audit is the only user and `import phds_tre.sdc` must stay fast.
+    from scipy import optimize, sparse
+
     a = _as_table(values, margins=margins)
     s = _as_mask(suppressed, a.shape, "suppressed")
     _check_values(a, ~s)

@@ -109,7 +109,9 @@ class TableEvidence:
                 values = array_from_json(b["values"])
                 for name, arr in [*arrays.items(), ("values", values)]:
                     if arr.shape != (r + 1, c + 1):
-                        raise EvidenceError(f"block {key!r}: {name} has shape {arr.shape}, expected {(r + 1, c + 1)}")
+                        raise EvidenceError(
+                            f"block {key!r}: {name} has shape {arr.shape}, expected {(r + 1, c + 1)}"
+                        )
                 if top.ndim != 3 or top.shape[1:] != (r + 1, c + 1):
                     raise EvidenceError(f"block {key!r}: top has shape {top.shape}")
                 ms = MeasureStats(top=top, **arrays)
@@ -194,7 +196,17 @@ class TableEvidence:
 
 
 def _derived_statistic(b: Block) -> np.ndarray | None:
-    """The statistic recomputed from contributor statistics, where that is possible."""
+    """The statistic recomputed from contributor statistics, where that is possible.
+
+    Empty cells are NaN for every statistic, as :func:`statistic_values` makes them.
+    """
+    derived = _derived(b)
+    if derived is not None:
+        derived = np.where(b.ms.n_rows == 0, np.nan, derived)
+    return derived
+
+
+def _derived(b: Block) -> np.ndarray | None:
     ms = b.ms
     n = ms.n.astype(np.float64)
     key = b.stat.key
@@ -336,7 +348,11 @@ def evaluate(ev: TableEvidence, policy: Policy) -> Evaluation:
                     "secondary",
                     unprotected,
                     np.full(unprotected.shape, FAIL, dtype=np.int8),
-                    ("", "", "this suppressed cell could still be estimated too closely from the margins"),
+                    (
+                        "",
+                        "",
+                        "this suppressed cell could still be estimated too closely from the margins",
+                    ),
                 )
             )
         block_rows = _block_rows(ev, bi, row_disp)
@@ -350,7 +366,9 @@ def evaluate(ev: TableEvidence, policy: Policy) -> Evaluation:
     for rule, count in sorted(primary_rules.items()):
         reasons.append(f"{count} cell(s) suppressed by the {rule} rule")
     if n_secondary:
-        reasons.append(f"{n_secondary} further cell(s) suppressed so that suppressed cells cannot be recomputed")
+        reasons.append(
+            f"{n_secondary} further cell(s) suppressed so that suppressed cells cannot be recomputed"
+        )
     if policy.rounding != "none" and any(b.stat.key in ("size", "count") for b in ev.blocks):
         reasons.append(f"counts rounded ({policy.rounding}); margins rounded independently")
     for rule, count in sorted(review_rules.items()):
@@ -366,12 +384,16 @@ def evaluate(ev: TableEvidence, policy: Policy) -> Evaluation:
     elif n_primary:
         status = policy.suppressed_verdict
         if status == "review":
-            reasons.append("suppression was applied: the site's policy has a reviewer confirm suppressed tables")
+            reasons.append(
+                "suppression was applied: the site's policy has a reviewer confirm suppressed tables"
+            )
     else:
         status = "pass"
     if not reasons:
         reasons.append("every cell passed every rule")
-    return Evaluation(checks, published, suppressed_all, status, reasons, primaries, secondaries, requireds)
+    return Evaluation(
+        checks, published, suppressed_all, status, reasons, primaries, secondaries, requireds
+    )
 
 
 def _checks_frame(
@@ -449,7 +471,7 @@ def _block_rows(ev: TableEvidence, bi: int, rows: list[object]) -> list[object]:
 
 def _index(labels: list[object], names: list[str | None]) -> pd.Index:
     if labels and isinstance(labels[0], tuple):
-        return pd.MultiIndex.from_tuples(labels, names=names)  # type: ignore[arg-type]
+        return pd.MultiIndex.from_tuples(labels, names=names)
     if not labels and len(names) > 1:
         return pd.MultiIndex.from_arrays([[] for _ in names], names=names)
     return pd.Index(labels, name=names[0] if names else None)
@@ -507,7 +529,6 @@ class TableOutput(SDCOutput):
         from phds_tre.sdc.suppression import protection_intervals
 
         ev = self._evidence
-        r, c = ev.shape
         row_disp, col_disp = _display_labels(ev)
         frames = []
         for bi, block in enumerate(ev.blocks):
@@ -516,7 +537,13 @@ class TableOutput(SDCOutput):
                 continue
             base, required = _suppression_base(block, self.policy)
             if ev.margins:
-                iv = protection_intervals(base, sup, margins=True)
+                hidden = sup
+                if not ev.col_names:
+                    # One column (series layout): the unshown row totals are the cells
+                    # themselves, so they are hidden exactly when their cell is (as in evaluate).
+                    hidden = sup.copy()
+                    hidden[:, -1] = sup[:, 0]
+                iv = protection_intervals(base, hidden, margins=True)
                 lower, upper = iv.lower, iv.upper
             else:
                 lower = np.where(sup, 0.0, np.nan)
@@ -537,7 +564,9 @@ class TableOutput(SDCOutput):
                 )
             )
         if not frames:
-            return pd.DataFrame(columns=["row", "column", "lower", "upper", "width", "required", "protected"])
+            return pd.DataFrame(
+                columns=["row", "column", "lower", "upper", "width", "required", "protected"]
+            )
         return pd.concat(frames, ignore_index=True)
 
     def _shape(self, masks: bool = False) -> pd.DataFrame | pd.Series:
@@ -550,8 +579,10 @@ class TableOutput(SDCOutput):
         ncols = c + 1 if (ev.margins and has_cols) else c
         if ev.layout == "series":
             arr = arrays[0][:nrows, 0]
-            data = arr.astype(bool) if masks else _maybe_int(arr, ev.blocks[0].stat)
-            return pd.Series(data, index=_index(row_disp[:nrows], ev.row_names), name=ev.series_name)
+            series_data = arr.astype(bool) if masks else _maybe_int(arr, ev.blocks[0].stat)
+            return pd.Series(
+                series_data, index=_index(row_disp[:nrows], ev.row_names), name=ev.series_name
+            )
         if ev.layout == "describe":
             return _describe_frame(ev, arrays, masks)
         # pandas' dropna=True: rows and columns whose raw statistics are all NaN
@@ -573,7 +604,9 @@ class TableOutput(SDCOutput):
                 columns.append(col_disp[bi][j])
                 pos += 1
         frame = pd.DataFrame(data)
-        frame.index = _index([lab for lab, k in zip(row_disp[:nrows], keep_rows, strict=True) if k], ev.row_names)
+        frame.index = _index(
+            [lab for lab, k in zip(row_disp[:nrows], keep_rows, strict=True) if k], ev.row_names
+        )
         col_level_names = [None] * (int(ev.agg_level) + int(ev.values_level)) + list(ev.col_names)
         frame.columns = _index(columns, col_level_names or [None])
         return frame
