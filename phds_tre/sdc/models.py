@@ -614,7 +614,7 @@ def evaluate(ev: ModelEvidence, policy: Policy) -> ModelEvaluation:
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
-class ModelOutput(SDCOutput):
+class ModelOutput(SDCOutput["ModelEvaluation"]):
     """A checked regression model (OLS, logit, GLM).
 
     ``.table`` is what may be released: one row per parameter, NaN throughout
@@ -637,21 +637,6 @@ class ModelOutput(SDCOutput):
         self._table = pd.DataFrame(
             values, index=pd.Index(evidence.params), columns=pd.Index(TABLE_COLUMNS)
         )
-
-    @property
-    def status(self) -> str:
-        """``"pass"``, ``"review"`` or ``"fail"``."""
-        return self._eval.status
-
-    @property
-    def reasons(self) -> list[str]:
-        """Why the model has its status."""
-        return list(self._eval.reasons)
-
-    @property
-    def checks(self) -> pd.DataFrame:
-        """One row per (parameter or group, rule) evaluated."""
-        return self._eval.checks
 
     @property
     def table(self) -> pd.DataFrame:
@@ -678,7 +663,7 @@ class ModelOutput(SDCOutput):
         return self._evidence.to_json()
 
 
-def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput:
+def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput[Any]:
     evidence = payload.get("evidence")
     if not isinstance(evidence, dict):
         raise EvidenceError("the structured output carries no evidence to re-check")

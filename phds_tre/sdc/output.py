@@ -18,7 +18,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -63,34 +63,52 @@ def badge_html(status: str) -> str:
     )
 
 
-class SDCOutput(ABC):
-    """Base of every checked output (tables, summaries, models, survival)."""
+class Evaluated(Protocol):
+    """What every output kind's evaluation provides."""
+
+    status: str
+    reasons: list[str]
+    checks: pd.DataFrame
+
+
+EvaluationT = TypeVar("EvaluationT", bound=Evaluated)
+
+
+class SDCOutput(ABC, Generic[EvaluationT]):
+    """Base of every checked output (tables, summaries, models, survival).
+
+    A subclass evaluates its evidence with the policy into ``self._eval`` and
+    builds the releasable ``self._table`` from it; the verdict properties below
+    read those, so every kind reports its verdict the same way.
+    """
 
     kind: ClassVar[str] = "output"
+    _eval: EvaluationT
+    _table: pd.DataFrame | pd.Series
 
     def __init__(self, policy: Policy, call: str) -> None:
         self.policy = policy
         self.call = call
 
     @property
-    @abstractmethod
     def status(self) -> str:
         """``"pass"``, ``"review"`` or ``"fail"`` for the whole output."""
+        return self._eval.status
 
     @property
-    @abstractmethod
-    def table(self) -> pd.DataFrame | pd.Series:
-        """What may be released: unsafe cells suppressed (NaN)."""
-
-    @property
-    @abstractmethod
-    def checks(self) -> pd.DataFrame:
-        """One row per (cell, rule) evaluated: row, column, rule, status, detail."""
-
-    @property
-    @abstractmethod
     def reasons(self) -> list[str]:
         """Why the output has its status, one sentence each."""
+        return list(self._eval.reasons)
+
+    @property
+    def checks(self) -> pd.DataFrame:
+        """One row per (cell, rule) evaluated: row, column, rule, status, detail."""
+        return self._eval.checks
+
+    @property
+    def table(self) -> pd.DataFrame | pd.Series:
+        """What may be released: unsafe cells suppressed (NaN)."""
+        return self._table
 
     @abstractmethod
     def evidence(self) -> dict[str, Any]:
@@ -201,15 +219,17 @@ class Recheck:
 
     status: str
     reasons: list[str]
-    output: SDCOutput | None = None
+    output: SDCOutput[Any] | None = None
     claimed_status: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
-_KINDS: dict[str, Callable[[dict[str, Any], Policy], SDCOutput]] = {}
+_KINDS: dict[str, Callable[[dict[str, Any], Policy], SDCOutput[Any]]] = {}
 
 
-def register_kind(kind: str, from_payload: Callable[[dict[str, Any], Policy], SDCOutput]) -> None:
+def register_kind(
+    kind: str, from_payload: Callable[[dict[str, Any], Policy], SDCOutput[Any]]
+) -> None:
     """Register how to rebuild an output kind from its payload (for :func:`recheck`)."""
     _KINDS[kind] = from_payload
 

@@ -56,33 +56,15 @@ def _blocks(
     value_columns: list[tuple[str | None, np.ndarray | None]],
     stats_per_value: list[list[Statistic]],
     k: int,
-    order: str,
 ) -> list[Block]:
+    """One block per (statistic, value) in pandas' column order: each aggfunc, then each value."""
     measures = [measure_stats(grouping, arr, k) for _, arr in value_columns]
     blocks: list[Block] = []
-    if order == "agg_major":  # pandas: for each aggfunc, every value
-        for si in range(len(stats_per_value[0])):
-            for vi, (name, arr) in enumerate(value_columns):
-                stat = stats_per_value[vi][si]
-                blocks.append(
-                    Block(
-                        stat,
-                        name,
-                        statistic_values(grouping, arr, stat, measures[vi]),
-                        measures[vi],
-                    )
-                )
-    else:
+    for si in range(len(stats_per_value[0])):
         for vi, (name, arr) in enumerate(value_columns):
-            for stat in stats_per_value[vi]:
-                blocks.append(
-                    Block(
-                        stat,
-                        name,
-                        statistic_values(grouping, arr, stat, measures[vi]),
-                        measures[vi],
-                    )
-                )
+            stat = stats_per_value[vi][si]
+            values = statistic_values(grouping, arr, stat, measures[vi])
+            blocks.append(Block(stat, name, values, measures[vi]))
     return blocks
 
 
@@ -140,7 +122,7 @@ def crosstab(
         raise ValueError(f"values must have the same length as the keys ({n}), got {len(values)}")
     stats, agg_multi = _aggfuncs(aggfunc)  # type: ignore[arg-type]
     arr = _numeric(values, _series_name(values, "values") or "values")
-    blocks = _blocks(grouping, [(_series_name(values, None), arr)], [stats], k, "agg_major")
+    blocks = _blocks(grouping, [(_series_name(values, None), arr)], [stats], k)
     evidence = _evidence("crosstab", grouping, blocks, margins, margins_name, agg_level=agg_multi)
     return TableOutput(evidence, pol)
 
@@ -249,7 +231,7 @@ def pivot_table(
     value_columns: list[tuple[str | None, np.ndarray | None]] = [
         (v, _numeric(data[v], v)) for v in value_names
     ]
-    blocks = _blocks(grouping, value_columns, stats_per_value, k, "agg_major")
+    blocks = _blocks(grouping, value_columns, stats_per_value, k)
     evidence = _evidence(
         "pivot_table",
         grouping,

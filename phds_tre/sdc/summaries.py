@@ -644,11 +644,11 @@ def _evidence_of(payload: dict[str, Any]) -> TableEvidence:
     return TableEvidence.from_json(evidence)
 
 
-def _value_counts_from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput:
+def _value_counts_from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput[Any]:
     return ValueCountsOutput(_evidence_of(payload), policy)
 
 
-def _histogram_from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput:
+def _histogram_from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput[Any]:
     return HistogramOutput(_evidence_of(payload), policy)
 
 

@@ -420,7 +420,7 @@ def evaluate(ev: SurvivalEvidence, policy: Policy) -> SurvivalEvaluation:
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
-class SurvivalOutput(SDCOutput):
+class SurvivalOutput(SDCOutput["SurvivalEvaluation"]):
     """A checked Kaplan–Meier table: risk sets, events, censorings, survival at published times."""
 
     kind = "survival"
@@ -430,21 +430,6 @@ class SurvivalOutput(SDCOutput):
         self._evidence = evidence
         self._eval = evaluate(evidence, policy)
         self._table = self._shape(masks=False)
-
-    @property
-    def status(self) -> str:
-        """``"pass"`` or the site's ``suppressed_verdict`` when rows were suppressed."""
-        return self._eval.status
-
-    @property
-    def reasons(self) -> list[str]:
-        """Why the table has its status."""
-        return list(self._eval.reasons)
-
-    @property
-    def checks(self) -> pd.DataFrame:
-        """One row per (row of the table, rule) evaluated; column names the count checked."""
-        return self._eval.checks
 
     @property
     def table(self) -> pd.DataFrame:
@@ -481,7 +466,7 @@ class SurvivalOutput(SDCOutput):
         return pd.DataFrame(values, index=index, columns=pd.Index(TABLE_COLUMNS))
 
 
-def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput:
+def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput[Any]:
     evidence = payload.get("evidence")
     if not isinstance(evidence, dict):
         raise EvidenceError("the structured output carries no evidence to re-check")

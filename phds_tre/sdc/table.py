@@ -477,7 +477,7 @@ def _index(labels: list[object], names: list[str | None]) -> pd.Index:
     return pd.Index(labels, name=names[0] if names else None)
 
 
-class TableOutput(SDCOutput):
+class TableOutput(SDCOutput[Evaluation]):
     """A checked table (crosstab, pivot table, frequency list, histogram counts, summary)."""
 
     kind = "table"
@@ -487,26 +487,6 @@ class TableOutput(SDCOutput):
         self._evidence = evidence
         self._eval = evaluate(evidence, policy)
         self._table = self._shape()
-
-    @property
-    def status(self) -> str:
-        """``"pass"``, ``"review"`` or ``"fail"``."""
-        return self._eval.status
-
-    @property
-    def reasons(self) -> list[str]:
-        """Why the table has its status."""
-        return list(self._eval.reasons)
-
-    @property
-    def checks(self) -> pd.DataFrame:
-        """One row per (cell, rule) evaluated."""
-        return self._eval.checks
-
-    @property
-    def table(self) -> pd.DataFrame | pd.Series:
-        """The releasable table, shaped and labelled as pandas would."""
-        return self._table
 
     @property
     def suppressed(self) -> pd.DataFrame | pd.Series:
@@ -641,7 +621,7 @@ def _describe_frame(ev: TableEvidence, arrays: list[np.ndarray], masks: bool) ->
     return out
 
 
-def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput:
+def _from_payload(payload: dict[str, Any], policy: Policy) -> SDCOutput[Any]:
     evidence = payload.get("evidence")
     if not isinstance(evidence, dict):
         raise EvidenceError("the structured output carries no evidence to re-check")
