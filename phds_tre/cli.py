@@ -42,7 +42,10 @@ def cli() -> None:
     "write_path",
     metavar="CHECKED.ipynb",
     default=None,
-    help="Also write the notebook with each verdict stored in its output's metadata.",
+    help=(
+        "Also write the notebook with each verdict in its output's metadata "
+        "(stream and error outputs, which may not have metadata: in their cell's)."
+    ),
 )
 def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: str | None) -> None:
     """Check every output of an executed notebook with the disclosure rules.
