@@ -14,6 +14,16 @@ import click
 from phds_tre import __version__
 
 
+#: ``--policy FILE``: the site's disclosure policy, shared by every command that checks.
+policy_option = click.option(
+    "--policy",
+    "policy_path",
+    metavar="FILE",
+    default=None,
+    help="Site disclosure policy (TOML). Default: the built-in defaults.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="phds")
 def cli() -> None:
@@ -22,13 +32,7 @@ def cli() -> None:
 
 @cli.command("check")
 @click.argument("notebook", metavar="NOTEBOOK.ipynb")
-@click.option(
-    "--policy",
-    "policy_path",
-    metavar="FILE",
-    default=None,
-    help="Site disclosure policy (TOML). Default: the built-in defaults.",
-)
+@policy_option
 @click.option(
     "--format",
     "fmt",
@@ -84,13 +88,7 @@ def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: 
     show_default=True,
     help="Folder for the executed notebook, the checked notebook and the report.",
 )
-@click.option(
-    "--policy",
-    "policy_path",
-    metavar="FILE",
-    default=None,
-    help="Site disclosure policy (TOML). Default: the built-in defaults.",
-)
+@policy_option
 def demo_command(out_dir: Path, policy_path: str | None) -> None:
     """Run the local demo: execute the example study and check every output."""
     from phds_tre.demo import run_demo
