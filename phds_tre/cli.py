@@ -13,7 +13,6 @@ import click
 
 from phds_tre import __version__
 
-
 #: ``--policy FILE``: the site's disclosure policy, shared by every command that checks.
 policy_option = click.option(
     "--policy",
