@@ -85,8 +85,10 @@ class CodeGatePolicy(_Strict):
 
     def action(self, category: str) -> GateAction:
         """The action for a finding category (unknown categories need approval)."""
-        value = getattr(self, category, "approve")
-        return value if value in ("allow", "approve", "block") else "approve"
+        if category not in CODE_GATE_CATEGORIES:
+            return "approve"
+        action: GateAction = getattr(self, category)
+        return action
 
 
 class ExecutionLimits(_Strict):
