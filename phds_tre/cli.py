@@ -91,10 +91,11 @@ def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: 
 def demo_command(out_dir: Path, policy_path: str | None) -> None:
     """Run the local demo: execute the example study and check every output."""
     from phds_tre.demo import run_demo
-    from phds_tre.sdc.policy import DEFAULT_POLICY, PolicyError, load_policy
+    from phds_tre.sdc.policy import DEFAULT_POLICY, PolicyError
+    from phds_tre.site_policy import load_site_policy
 
     try:
-        policy = load_policy(policy_path) if policy_path else DEFAULT_POLICY
+        policy = load_site_policy(policy_path).disclosure if policy_path else DEFAULT_POLICY
     except PolicyError as exc:
         click.echo(f"phds: error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -19,7 +19,8 @@ from phds_tre.check.notebook import (
 )
 from phds_tre.check.report import format_text, to_json
 from phds_tre.check.structured import Rechecker
-from phds_tre.sdc.policy import DEFAULT_POLICY, Policy, PolicyError, load_policy
+from phds_tre.sdc.policy import DEFAULT_POLICY, Policy, PolicyError
+from phds_tre.site_policy import load_site_policy
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CODES", "CheckInputError", "run_check"]
 
@@ -48,7 +49,10 @@ def run_check(
     bad policy or an unwritable ``write_path``; the caller prints it and exits 2.
     """
     try:
-        policy: Policy = load_policy(policy_path) if policy_path is not None else DEFAULT_POLICY
+        # A site's whole policy file is accepted; its disclosure rules are what checks outputs.
+        policy: Policy = (
+            load_site_policy(policy_path).disclosure if policy_path is not None else DEFAULT_POLICY
+        )
         nb = read_notebook(notebook)
     except (PolicyError, NotebookError) as exc:
         raise CheckInputError(str(exc)) from None
