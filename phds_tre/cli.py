@@ -104,6 +104,101 @@ def demo_command(out_dir: Path, policy_path: str | None) -> None:
     click.echo(f"demo finished: {counts}; notebook verdict {result.status}")
 
 
+@cli.command("synth")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder to write <site>/<table>.parquet into.",
+)
+@click.option(
+    "--sites",
+    type=click.IntRange(1, 5),
+    default=3,
+    show_default=True,
+    help="Number of hospitals (largest first).",
+)
+@click.option(
+    "--persons",
+    type=click.IntRange(min=20),
+    default=None,
+    help="Persons at the largest site; the others keep their proportions. [default: 4000]",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+def synth_command(out_dir: Path, sites: int, persons: int | None, seed: int) -> None:
+    """Write synthetic paediatric hospitals as OMOP CDM tables (Parquet).
+
+    Each site gets PICU sepsis stays, congenital heart surgery pathways,
+    haemophilia, rare diseases and general paediatrics, in its own case mix.
+    """
+    from phds_tre.data.synth import format_summaries, timed_generate
+
+    try:
+        summaries, seconds = timed_generate(out_dir, sites=sites, persons=persons, seed=seed)
+    except OSError as exc:
+        click.echo(f"phds: error: cannot write synthetic data to {out_dir}: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(format_summaries(summaries, seconds))
+    click.echo(f"written to {out_dir}")
+
+
+@cli.command("verify")
+@click.argument("release_dir", metavar="RELEASE_DIR")
+@click.option(
+    "--key",
+    "key_paths",
+    metavar="PUBFILE",
+    multiple=True,
+    help="Trusted public key of the site (PEM .pub or base64); repeat for several.",
+)
+def verify_command(release_dir: str, key_paths: tuple[str, ...]) -> None:
+    """Verify a release folder: signature, file hashes, no file added or removed.
+
+    Prints one line per problem, or "release verified: N files, signed by
+    key <id>". Without --key the signature is checked with the key the
+    release carries, which proves integrity but not who signed it.
+
+    \b
+    Exit status:
+      0  verified
+      1  altered (or signed by a key that is not trusted)
+      2  bad input: no such folder, not a release, unreadable key file
+    """
+    from phds_tre.release.verify import run_verify
+
+    raise SystemExit(
+        run_verify(
+            release_dir,
+            list(key_paths),
+            echo=click.echo,
+            error=lambda message: click.echo(message, err=True),
+        )
+    )
+
+
+@cli.command("keygen")
+@click.option(
+    "--out",
+    "out_path",
+    metavar="KEYFILE",
+    required=True,
+    help="Private key file to create (mode 0600); the public key goes to KEYFILE.pub.",
+)
+def keygen_command(out_path: str) -> None:
+    """Create a site signing key (Ed25519) for releases; never overwrites a file."""
+    from phds_tre.release.signing import KeyFileError, generate_key, key_id, public_key_path
+
+    try:
+        key = generate_key(out_path)
+    except KeyFileError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(f"private key: {out_path} (keep it secret)")
+    click.echo(f"public key:  {public_key_path(out_path)}")
+    click.echo(f"key id:      {key_id(key.public_key())}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="phds")
