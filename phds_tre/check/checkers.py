@@ -30,6 +30,7 @@ from phds_tre.sdc.policy import Policy
 
 __all__ = [
     "REGISTRY",
+    "SHARE_MIME",
     "CheckContext",
     "CheckerRegistry",
     "MimeChecker",
@@ -172,6 +173,33 @@ def _widget(value: object, ctx: CheckContext) -> Verdict:
     return Verdict.fail("interactive widget: its state lives in the kernel and cannot be checked")
 
 
+#: A named result shared for combining across sites (``phds_tre.share``).
+SHARE_MIME = "application/vnd.phds.share+json"
+_SHARE_KEYS = frozenset({"schema", "version", "name", "payload"})
+_SHARE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+@REGISTRY.register(SHARE_MIME, kind="share")
+def _share(value: object, ctx: CheckContext) -> Verdict:
+    """A shared result: a valid envelope, its inner payload re-checked like any structured output.
+
+    The name is free text the kernel chose, so numbers in it go to review.
+    """
+    if not isinstance(value, dict) or set(value) != _SHARE_KEYS:
+        return Verdict.fail("not a phds.share envelope (schema, version, name, payload)")
+    version = value["version"]
+    if value["schema"] != "phds.share" or type(version) is not int or version != 1:
+        return Verdict.fail("unknown shared-result schema or version (expected phds.share 1)")
+    name = value["name"]
+    if not isinstance(name, str) or not _SHARE_NAME.fullmatch(name):
+        return Verdict.fail("the shared result's name is not a plain name of at most 64 characters")
+    verdicts = [check_structured({STRUCTURED_MIME: value["payload"]}, ctx.policy, ctx.recheck)]
+    named = check_free_text(name, ctx.policy)
+    if named.status != "pass":
+        verdicts.append(Verdict.review(*(f"the name: {r}" for r in named.reasons)))
+    return combine(verdicts)
+
+
 # ---------------------------------------------------------------------------
 # Whole outputs
 
@@ -189,6 +217,7 @@ _KIND_ORDER = (
     "javascript",
     "widget",
     "unknown",
+    "share",
     "html",
     "image",
     "markdown",

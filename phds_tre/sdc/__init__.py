@@ -12,6 +12,8 @@ Every call returns an :class:`~phds_tre.sdc.output.SDCOutput` that displays in
 Jupyter as the structured MIME bundle :data:`MIME_TYPE` beside HTML and text.
 """
 
+from phds_tre.sdc.figure import FigureOutput as FigureOutput
+from phds_tre.sdc.frame import FrameOutput as FrameOutput
 from phds_tre.sdc.models import ModelOutput, glm, logit, ols
 from phds_tre.sdc.output import (
     MIME_TYPE,

@@ -58,7 +58,15 @@ from phds_tre.sdc.output import CHECK_COLUMNS, EvidenceError, SDCOutput, registe
 from phds_tre.sdc.policy import Policy, resolve_policy
 from phds_tre.sdc.rules import worst
 
-__all__ = ["TABLE_COLUMNS", "ModelEvidence", "ModelOutput", "glm", "logit", "ols"]
+__all__ = [
+    "TABLE_COLUMNS",
+    "ModelEvidence",
+    "ModelOutput",
+    "glm",
+    "logit",
+    "model_output_from_result",
+    "ols",
+]
 
 PolicyArg = Policy | str | Path | None
 # statsmodels has no type stubs, so its Family class is Any to mypy.
@@ -808,6 +816,84 @@ def _fit(
     )
     # The kernel validates its own evidence too, so a numerical disagreement shows
     # up for the researcher, not only as a failed recheck at the site.
+    evidence.validate()
+    return ModelOutput(evidence, pol, result)
+
+
+def model_output_from_result(result: Any, policy: PolicyArg = None) -> ModelOutput:
+    """A :class:`ModelOutput` for a statsmodels fit the researcher made directly.
+
+    Used by the site kernel's capture (:mod:`phds_tre.kernel`) when a results
+    object or its ``summary()`` is displayed. Only the model classes whose
+    evidence can be rebuilt exactly are accepted: ``OLS``, ``Logit`` and
+    ``GLM`` (formula or array API); anything else raises :class:`TypeError`
+    (the capture then shows the parameter table as a raw ``"frame"``, review
+    at best). Warnings raised while fitting are not known here, so the fit
+    notes hold only convergence and separation as read from the results.
+    Raises :class:`~phds_tre.sdc.output.EvidenceError` when the results do not
+    agree with the evidence rebuilt from the model's design.
+    """
+    import statsmodels.api as sm
+    from statsmodels.discrete.discrete_model import Logit
+    from statsmodels.genmod.generalized_linear_model import GLM
+    from statsmodels.regression.linear_model import OLS
+
+    res = getattr(result, "_results", result)
+    model: Any = getattr(res, "model", None)
+    if type(model) is OLS:
+        method, fam = "ols", sm.families.Gaussian()
+    elif type(model) is Logit:
+        method, fam = "logit", sm.families.Binomial()
+    elif type(model) is GLM:
+        method, fam = "glm", model.family
+        neutral = (("freq_weights", 1), ("var_weights", 1), ("offset", 0), ("exposure", 0))
+        for attr, value in neutral:
+            given = getattr(model, attr, None)
+            if given is not None and np.any(np.asarray(given) != value):
+                raise TypeError(f"a GLM with {attr} cannot be checked exactly")
+    else:
+        raise TypeError(f"a {type(model).__name__} fit cannot be checked exactly")
+    pol = resolve_policy(policy)
+    names = [str(n) for n in model.exog_names]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = _result_table(res)
+    categories = sorted({w.category.__name__ for w in caught})
+    fit: dict[str, Any] = {"converged": _converged(method, res, categories)}
+    if categories:
+        fit["warnings"] = categories
+    exog = np.asarray(model.exog, dtype=np.float64)
+    endog = np.asarray(model.endog, dtype=np.float64)
+    nobs = int(exog.shape[0])
+    rank = int(np.linalg.matrix_rank(exog)) if exog.size else 0
+    binary_model = _family_name(fam) == "binomial"
+    outcome: dict[str, int] | None = None
+    if binary_model and endog.ndim == 1 and bool(np.all((endog == 0) | (endog == 1))):
+        events = int(endog.sum())
+        outcome = {"events": events, "non_events": nobs - events}
+    if binary_model and _separated(res, categories):
+        fit["separation"] = True
+    support, terms = _categorical_counts(model, exog, names, endog if outcome is not None else None)
+    k_constant = int(model.k_constant)
+    evidence = ModelEvidence(
+        method=method,
+        family=_family_name(fam),
+        link=type(fam.link).__name__.lower(),
+        formula=str(getattr(model, "formula", None) or ""),
+        nobs=nobs,
+        rank=rank,
+        k_constant=k_constant,
+        df_resid=float(nobs - rank),
+        df_model=float(rank - (k_constant if method == "ols" else 1)),
+        use_t=bool(res.use_t),
+        params=names,
+        values=values,
+        binary_model=binary_model,
+        outcome=outcome,
+        support=support,
+        terms=terms,
+        fit=fit,
+    )
     evidence.validate()
     return ModelOutput(evidence, pol, result)
 
