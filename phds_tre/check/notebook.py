@@ -24,10 +24,10 @@ import os
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nbformat
 from nbformat import NotebookNode
@@ -38,10 +38,12 @@ from phds_tre.check.verdict import STATUSES, Status, Verdict, worst
 from phds_tre.sdc.policy import Policy
 
 __all__ = [
+    "IdentifierScanner",
     "NotebookError",
     "NotebookReport",
     "OutputReport",
     "check_notebook",
+    "identifier_verdict",
     "parse_notebook",
     "read_notebook",
     "save_notebook",
@@ -169,17 +171,43 @@ def _notebook_findings(nb: Mapping[str, Any]) -> Verdict:
     return Verdict.passed()
 
 
+class IdentifierScanner(Protocol):
+    """Data-aware scanning: finds the site's identifiers in an output (``phds_tre.release.scan``)."""
+
+    def scan_output(self, output: Mapping[str, Any]) -> Sequence[Any]:
+        """Hits in every representation of ``output``; each has ``kind`` and a value-free ``str``."""
+        ...
+
+
+def identifier_verdict(hits: Sequence[Any]) -> Verdict:
+    """Verdict of data-aware scanning: a record number fails, an exact date goes to review.
+
+    Exact dates are weak evidence on their own (among thousands of children,
+    nearly every date is somebody's birthday), so a person decides; any other
+    identifier of the site's data is withheld.
+    """
+    if not hits:
+        return Verdict.passed()
+    reasons = tuple(dict.fromkeys(str(hit) for hit in hits))
+    if any(getattr(hit, "kind", "identifier") != "date" for hit in hits):
+        return Verdict.fail(*reasons)
+    return Verdict.review(*reasons)
+
+
 def check_notebook(
     nb: Mapping[str, Any],
     policy: Policy,
     *,
     recheck: Rechecker | None = None,
     registry: CheckerRegistry = REGISTRY,
+    scanner: IdentifierScanner | None = None,
 ) -> NotebookReport:
     """Check every output of every code cell of ``nb`` with ``policy``.
 
     ``recheck`` re-checks structured outputs; by default the real
     :func:`phds_tre.sdc.recheck` (structured outputs fail when it is missing).
+    ``scanner`` adds data-aware scanning: an output holding one of the site's
+    identifiers, in any representation, fails (see :func:`identifier_verdict`).
     """
     ctx = CheckContext(policy=policy, recheck=recheck if recheck is not None else load_recheck())
     reports = []
@@ -189,6 +217,15 @@ def check_notebook(
         cell_id = cell.get("id")
         for output_index, output in enumerate(cell.get("outputs") or []):
             result = check_output(output, ctx, registry)
+            verdict = result.verdict
+            if scanner is not None and isinstance(output, Mapping):
+                found = identifier_verdict(scanner.scan_output(output))
+                if found.status != "pass":
+                    verdict = Verdict(
+                        worst([verdict.status, found.status]),
+                        (*found.reasons, *verdict.reasons),
+                        verdict.redact,
+                    )
             reports.append(
                 OutputReport(
                     cell_index=cell_index,
@@ -196,7 +233,7 @@ def check_notebook(
                     output_index=output_index,
                     output_type=str(output.get("output_type")),
                     kind=result.kind,
-                    verdict=result.verdict,
+                    verdict=verdict,
                 )
             )
     return NotebookReport(tuple(reports), _notebook_findings(nb), policy.hash)
