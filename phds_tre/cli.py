@@ -8,6 +8,7 @@ a user can fix are printed as one line (``phds: error: ...``) with exit status
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -197,6 +198,112 @@ def keygen_command(out_path: str) -> None:
     click.echo(f"private key: {out_path} (keep it secret)")
     click.echo(f"public key:  {public_key_path(out_path)}")
     click.echo(f"key id:      {key_id(key.public_key())}")
+
+
+@cli.command("run")
+@click.argument("notebook", metavar="NOTEBOOK.ipynb", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "site_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The site's data folder (<table>.parquet), e.g. one made by phds synth.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "-p",
+    "--parameter",
+    "parameters",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="A value for a name in the notebook's parameters cell (repeatable).",
+)
+@policy_option
+@click.option("--site", "site_name", default=None, help="Site name (default: the data folder's).")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The site's Ed25519 signing key (default: $PHDS_HOME/keys/<site>.pem, made on first use).",
+)
+@click.option(
+    "--approved",
+    is_flag=True,
+    help="The site admin approves code-gate findings that need approval.",
+)
+def run_command(
+    notebook: Path,
+    site_dir: Path,
+    out_dir: Path,
+    parameters: tuple[tuple[str, str], ...],
+    policy_path: str | None,
+    site_name: str | None,
+    key_path: Path | None,
+    approved: bool,
+) -> None:
+    """Run a study notebook at one site, as the hospital node would, without the network.
+
+    Validates the parameters, passes the code gate, executes in a fresh
+    sandboxed kernel, checks every output and writes OUT/executed.ipynb
+    (never leaves the site), OUT/checked.ipynb, OUT/run.json and the signed
+    OUT/release/.
+
+    \b
+    Exit status:
+      0  released: every output was released automatically
+      3  some outputs are held for a site reviewer
+      4  the run was blocked, awaits approval, failed, or was stopped
+      2  bad input (notebook, parameters, data folder or policy)
+    """
+    from tqdm import tqdm
+
+    from phds_tre.run import RunError, SiteRun
+    from phds_tre.sdc.policy import PolicyError
+    from phds_tre.site_policy import load_site_policy
+
+    try:
+        site_policy = load_site_policy(policy_path)
+    except PolicyError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    bar: tqdm[Any] | None = None
+
+    def progress(site: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"{site}", unit="cell")
+        bar.n = done
+        bar.refresh()
+
+    run = SiteRun(
+        notebook_path=notebook,
+        site_dir=site_dir,
+        out_dir=out_dir,
+        parameters=dict(parameters),
+        site_policy=site_policy,
+        site_name=site_name,
+        key_path=key_path,
+        approved=approved,
+        progress=progress,
+        echo=click.echo,
+    )
+    try:
+        record = run.run()
+    except RunError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    status = record["status"]
+    counts = (record.get("release") or {}).get("counts", {})
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items()) or "nothing released"
+    click.echo(f"run {status}: {summary}; see {out_dir / 'run.json'}")
+    if record.get("error"):
+        click.echo(f"  {record['error']}")
+    raise SystemExit({"released": 0, "awaiting_review": 3}.get(status, 4))
 
 
 def main() -> None:
