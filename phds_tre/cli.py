@@ -86,23 +86,36 @@ def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: 
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("demo-out"),
     show_default=True,
-    help="Folder for the executed notebook, the checked notebook and the report.",
+    help="Folder for the synthetic hospitals, each hospital's run and the summary.",
 )
 @policy_option
 def demo_command(out_dir: Path, policy_path: str | None) -> None:
-    """Run the local demo: execute the example study and check every output."""
+    """Run the local demo: the example study at three synthetic hospitals."""
+    from tqdm import tqdm
+
     from phds_tre.demo import run_demo
-    from phds_tre.sdc.policy import DEFAULT_POLICY, PolicyError
+    from phds_tre.sdc.policy import PolicyError
     from phds_tre.site_policy import load_site_policy
 
     try:
-        policy = load_site_policy(policy_path).disclosure if policy_path else DEFAULT_POLICY
+        site_policy = load_site_policy(policy_path)
     except PolicyError as exc:
         click.echo(f"phds: error: {exc}", err=True)
         raise SystemExit(2) from None
-    result = run_demo(out_dir, policy=policy, echo=click.echo)
+    bars: dict[str, tqdm[Any]] = {}
+
+    def progress(site: str, done: int, total: int) -> None:
+        bar = bars.get(site)
+        if bar is None:
+            bar = bars[site] = tqdm(total=total, desc=f"{site:<22}", unit="cell", leave=True)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    result = run_demo(out_dir, site_policy=site_policy, echo=click.echo, progress=progress)
     counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
-    click.echo(f"demo finished: {counts}; notebook verdict {result.status}")
+    click.echo(f"demo finished: {counts}")
 
 
 @cli.command("synth")

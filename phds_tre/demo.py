@@ -1,31 +1,41 @@
-"""``phds demo``: the local demo — run a study notebook and check every output.
+"""``phds demo``: the local demo — one study run at three synthetic hospitals.
 
-Today the demo is one site without a network: papermill executes the example
-study in a fresh kernel (per-cell progress bar), then the output checker gives
-every output a verdict, exactly as a hospital's checker would. Later issues
-grow this into a hub with three synthetic hospitals.
+Today's demo has no network yet (the hub and nodes come next): it makes three
+synthetic paediatric hospitals on first use, then runs the example study at each
+of them through exactly the code path a hospital uses (:class:`~phds_tre.run.SiteRun`:
+code gate, sandboxed kernel from a pre-started pool, checks, data-aware scanning,
+signed release), verifies every release's signature and writes a summary.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phds_tre.sdc.policy import DEFAULT_POLICY, Policy
+from phds_tre.site_policy import SitePolicy
 
 __all__ = ["DemoResult", "default_notebook", "run_demo"]
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Where the demo wrote its files and the notebook's overall verdict."""
+    """Where the demo wrote its files and what each hospital released."""
 
     out_dir: Path
-    status: str
-    counts: dict[str, int]
+    sites: dict[str, dict[str, Any]]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Outputs released, held and withheld, over every site."""
+        total = {"released": 0, "held": 0, "withheld": 0}
+        for site in self.sites.values():
+            for state, n in (site.get("counts") or {}).items():
+                total[state] = total.get(state, 0) + n
+        return total
 
 
 def default_notebook() -> Path:
@@ -43,42 +53,89 @@ def default_notebook() -> Path:
 def run_demo(
     out_dir: Path,
     notebook: Path | None = None,
-    policy: Policy = DEFAULT_POLICY,
-    parameters: dict[str, Any] | None = None,
+    site_policy: SitePolicy | None = None,
     echo: Callable[[str], None] = print,
-    progress: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    seed: int = 0,
 ) -> DemoResult:
-    """Execute ``notebook`` with papermill into ``out_dir`` and check every output."""
-    import nbformat
-    import papermill
+    """Run the example study at three synthetic hospitals; write ``out_dir/summary.json``."""
+    from phds_tre.data.synth import generate
+    from phds_tre.execute.pool import KernelPool
+    from phds_tre.release.verify import verify_release
+    from phds_tre.run import RunError, SiteRun
 
-    from phds_tre.check.notebook import check_notebook, save_notebook, write_verdicts
-    from phds_tre.check.report import format_text, to_json
-
+    policy = site_policy or SitePolicy()
     source = notebook or default_notebook()
     out_dir.mkdir(parents=True, exist_ok=True)
-    executed = out_dir / "executed.ipynb"
-    echo(f"== executing {source.name} with papermill (fresh kernel)")
-    papermill.execute_notebook(
-        str(source),
-        str(executed),
-        parameters=parameters or {},
-        kernel_name="python3",
-        progress_bar=progress,
-        cwd=str(out_dir),
-    )
-    echo("== checking every output with the disclosure rules")
-    nb = nbformat.read(executed, as_version=4)
-    report = check_notebook(nb, policy)
-    save_notebook(write_verdicts(nb, report), out_dir / "checked.ipynb")
-    summary = to_json(report, str(executed))
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    echo(format_text(report, str(executed)))
-    counts = {
-        s: sum(1 for o in report.outputs if o.status == s) for s in ("pass", "review", "fail")
+    data_dir = out_dir / "data"
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        t0 = time.monotonic()
+        generate(data_dir, sites=3, seed=seed)
+        echo(f"== made three synthetic hospitals in {data_dir} ({time.monotonic() - t0:.1f} s)")
+    sites = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    keys = out_dir / "keys"
+    summary: dict[str, dict[str, Any]] = {}
+    echo(f"== running {source.name} at {len(sites)} hospitals (sandboxed kernels, pre-started)")
+    # One pool per hospital, as each node has its own: a kernel mounts its site's data
+    # read-only when it starts, so kernels are never shared between hospitals.
+    pools = {
+        site_dir.name: KernelPool(
+            size=1,
+            limits=policy.limits,
+            site_env={"PHDS_SITE_DIR": str(site_dir.resolve()), "PHDS_SITE_NAME": site_dir.name},
+        )
+        for site_dir in sites
     }
-    echo(
-        f"== wrote {out_dir}/executed.ipynb, checked.ipynb (verdicts in metadata.phds.verdict) "
-        f"and report.json"
-    )
-    return DemoResult(out_dir, report.status, counts)
+    try:
+        for site_dir in sites:
+            pool = pools[site_dir.name]
+            run = SiteRun(
+                notebook_path=source,
+                site_dir=site_dir,
+                out_dir=out_dir / "runs" / site_dir.name,
+                site_policy=policy,
+                key_path=keys / f"{site_dir.name}.pem",
+                pool=pool,
+                progress=progress,
+                echo=echo,
+            )
+            try:
+                record = run.run()
+            except RunError as exc:
+                summary[site_dir.name] = {"status": "error", "error": str(exc)}
+                continue
+            release = out_dir / "runs" / site_dir.name / "release"
+            verified = None
+            if release.is_dir():
+                public = keys / f"{site_dir.name}.pem.pub"
+                from phds_tre.release.signing import load_public_key
+
+                result = verify_release(release, [load_public_key(public)])
+                verified = result.ok
+            summary[site_dir.name] = {
+                "status": record["status"],
+                "counts": (record.get("release") or {}).get("counts"),
+                "shared": (record.get("release") or {}).get("shared", []),
+                "signature_verified": verified,
+                "controls_held": sorted(
+                    k
+                    for k, v in ((record.get("execution") or {}).get("controls") or {}).items()
+                    if v.get("held")
+                ),
+                "timings": record.get("timings"),
+            }
+    finally:
+        for pool in pools.values():
+            pool.close()
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo("")
+    echo(f"{'hospital':<24} {'status':<16} {'released':>8} {'held':>5} {'withheld':>8}  signature")
+    for name, site in summary.items():
+        counts = site.get("counts") or {}
+        sig = {True: "verified", False: "ALTERED", None: "-"}[site.get("signature_verified")]
+        echo(
+            f"{name:<24} {site['status']:<16} {counts.get('released', 0):>8} "
+            f"{counts.get('held', 0):>5} {counts.get('withheld', 0):>8}  {sig}"
+        )
+    echo(f"== wrote {out_dir}/summary.json; each hospital's run is in {out_dir}/runs/<hospital>/")
+    return DemoResult(out_dir, summary)

@@ -214,3 +214,40 @@ def test_cli_run_end_to_end(tmp_path: Path, site_dir: Path, phds_home: Path) -> 
         check=False,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_full_disk_is_recorded_and_leaves_no_release(
+    tmp_path: Path, site_dir: Path, phds_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import phds_tre.release.manifest as manifest
+
+    real_write_bytes = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:
+        if ".release-" in str(self):  # the release being built: the disk fills up mid-way
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    nb = _notebook(tmp_path, *STUDY)
+    with pytest.raises(RunError, match="No space left"):
+        _run(tmp_path, site_dir, nb)
+    monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
+    out = tmp_path / "out"
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "error" and "No space left" in record["error"]
+    assert not (out / "release").exists()
+    assert not list(out.glob(".release-*")), "a half-written release was left behind"
+    assert manifest  # the module under test
+
+
+def test_huge_outputs_are_cut_and_recorded(tmp_path: Path, site_dir: Path, phds_home: Path) -> None:
+    nb = _notebook(tmp_path, "print('x' * 5_000_000)", "print('after')")
+    record = _run(tmp_path, site_dir, nb)
+    assert record["execution"]["status"] == "completed"
+    assert record["execution"]["controls"]["output_size"]["held"] is True
+    executed = (tmp_path / "out" / "executed.ipynb").stat().st_size
+    assert executed < 3_000_000
+    assert record["status"] in ("awaiting_review", "released")

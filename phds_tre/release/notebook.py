@@ -44,6 +44,8 @@ from phds_tre.check.notebook import NotebookReport, OutputReport
 from phds_tre.check.structured import STRUCTURED_MIME
 from phds_tre.check.text import strip_ansi
 from phds_tre.check.verdict import Status, as_status, worst
+from phds_tre.kernel.share import NAME_PATTERN as _SHARE_NAME
+from phds_tre.kernel.share import SHARE_MIME
 from phds_tre.site_policy import SitePolicy
 
 if TYPE_CHECKING:
@@ -310,8 +312,17 @@ class _Builder:
         decision = self.decisions.get(key)
         raw_data = output.get("data")
         data: Mapping[str, Any] = raw_data if isinstance(raw_data, Mapping) else {}
-        structured = output_type in ("display_data", "execute_result") and STRUCTURED_MIME in data
-        recheck = self._recheck(key, data[STRUCTURED_MIME]) if structured else None
+        displayed = output_type in ("display_data", "execute_result")
+        structured = displayed and STRUCTURED_MIME in data
+        shared = displayed and not structured and SHARE_MIME in data
+        recheck = None
+        if structured:
+            recheck = self._recheck(key, data[STRUCTURED_MIME])
+        elif shared:
+            envelope = data[SHARE_MIME]
+            payload = envelope.get("payload") if isinstance(envelope, Mapping) else None
+            recheck = self._recheck(key, payload)
+            structured = True  # a shared result is a structured output inside an envelope
         kind = entry.kind if entry is not None else "unknown"
         if structured:
             own_kind = getattr(getattr(recheck, "output", None), "kind", None)
@@ -406,6 +417,10 @@ class _Builder:
             rebuilt = _structured(recheck)
             if rebuilt is None:
                 return "not_rebuilt"
+        elif SHARE_MIME in data:
+            rebuilt = _shared(data[SHARE_MIME], recheck)
+            if rebuilt is None:
+                return "not_rebuilt"
         else:
             rebuilt_or_reason = _unstructured(data, approved)
             if isinstance(rebuilt_or_reason, str):
@@ -445,6 +460,26 @@ def _structured(recheck: Recheck | None) -> dict[str, Any] | None:
         }
     except Exception:  # a re-derived output that cannot be shown cannot be released
         return None
+
+
+def _shared(envelope: object, recheck: Recheck | None) -> dict[str, Any] | None:
+    """A shared result rebuilt from its re-check: a new envelope around the payload without evidence.
+
+    The checker has validated the envelope (schema, version, name); only the
+    name is carried over from the kernel, everything else is the site's.
+    """
+    output = getattr(recheck, "output", None)
+    name = envelope.get("name") if isinstance(envelope, Mapping) else None
+    if output is None or not isinstance(name, str) or not _SHARE_NAME.fullmatch(name):
+        return None
+    try:
+        payload = json.loads(json.dumps(output.release_payload(), allow_nan=False))
+    except Exception:  # a re-derived output that cannot be published cannot be released
+        return None
+    return {
+        SHARE_MIME: {"schema": "phds.share", "version": 1, "name": name, "payload": payload},
+        "text/plain": f"shared result {name!r}: a {output.kind} output, checked by the site",
+    }
 
 
 def _unstructured(data: Mapping[str, Any], approved: bool) -> dict[str, Any] | str:
