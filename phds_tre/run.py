@@ -34,7 +34,7 @@ import nbformat
 
 from phds_tre.site_policy import SitePolicy
 
-__all__ = ["RunError", "SiteRun", "default_key_path", "notebook_sha256"]
+__all__ = ["RunError", "SiteRun", "default_key_path", "notebook_sha256", "site_identifier_index"]
 
 RUN_SCHEMA = "phds.run/1"
 SHARE_MIME = "application/vnd.phds.share+json"
@@ -53,6 +53,30 @@ def default_key_path(site: str) -> Path:
     """Where a site's signing key lives unless one is given: ``$PHDS_HOME/keys/<site>.pem``."""
     home = Path(os.environ.get("PHDS_HOME", Path.home() / ".phds"))
     return home / "keys" / f"{site}.pem"
+
+
+_INDEXES: dict[tuple[str, tuple[str, ...], tuple[tuple[str, int, int], ...]], Any] = {}
+
+
+def site_identifier_index(site_dir: Path, columns: tuple[str, ...]) -> Any:
+    """The site's identifier index, built once per site and data version.
+
+    A node indexes its own data once, not per run: the cache key holds every
+    Parquet file's name, size and modification time, so changed data is
+    re-indexed.
+    """
+    from phds_tre.release.scan import IdentifierIndex
+
+    files = tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(site_dir.glob("*.parquet"))
+    )
+    key = (str(site_dir.resolve()), tuple(columns), files)
+    index = _INDEXES.get(key)
+    if index is None:
+        index = IdentifierIndex.from_site(site_dir, columns)
+        _INDEXES.clear()  # one site per node: keep only the current one
+        _INDEXES[key] = index
+    return index
 
 
 def _error_name(nb: nbformat.NotebookNode) -> str:
@@ -287,21 +311,32 @@ class SiteRun:
     def check(self, executed: nbformat.NotebookNode) -> tuple[Any, dict[tuple[int, int], Any]]:
         """Verdict for every output: disclosure rules, structured re-checks, identifier scanning."""
         from phds_tre.check.notebook import check_notebook, save_notebook, write_verdicts
-        from phds_tre.release.scan import IdentifierIndex
         from phds_tre.sdc import MIME_TYPE, recheck
 
         start = self._stage("check")
-        index = IdentifierIndex.from_site(self.site_dir, self.site_policy.scan.identifier_columns)
+        index = site_identifier_index(self.site_dir, self.site_policy.scan.identifier_columns)
         policy = self.site_policy.disclosure
-        report = check_notebook(executed, policy, scanner=index)
+        # Each structured payload is re-checked once: the checker's re-check is kept
+        # (by payload object) and handed to the release builder.
+        seen: dict[int, Any] = {}
+
+        def remembered(payload: dict[str, Any], site: Any) -> Any:
+            result = recheck(payload, site)
+            seen[id(payload)] = result
+            return result
+
+        report = check_notebook(executed, policy, recheck=remembered, scanner=index)
         checked = write_verdicts(nbformat.from_dict(json.loads(json.dumps(executed))), report)
         save_notebook(checked, self.out_dir / "checked.ipynb")
         rechecks: dict[tuple[int, int], Any] = {}
         for entry in report.outputs:
-            output = executed.cells[entry.cell_index].outputs[entry.output_index]
-            payload = (output.get("data") or {}).get(MIME_TYPE)
-            if isinstance(payload, dict):
-                rechecks[(entry.cell_index, entry.output_index)] = recheck(payload, policy)
+            data = executed.cells[entry.cell_index].outputs[entry.output_index].get("data") or {}
+            envelope = data.get(SHARE_MIME)
+            payload = data.get(MIME_TYPE)
+            if payload is None and isinstance(envelope, dict):
+                payload = envelope.get("payload")
+            if isinstance(payload, dict) and id(payload) in seen:
+                rechecks[(entry.cell_index, entry.output_index)] = seen[id(payload)]
         self.record["outputs"] = [
             {
                 "cell": o.cell_index,
