@@ -25,15 +25,13 @@ Unknown keys, wrong types and out-of-range values are errors naming the key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from phds_tre.sdc.policy import Policy, PolicyError
+from phds_tre.sdc.policy import Policy, PolicyError, canonical_hash
 
 __all__ = [
     "CODE_GATE_CATEGORIES",
@@ -125,8 +123,7 @@ class SitePolicy(_Strict):
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON form of the whole site policy."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return canonical_hash(self.to_dict())
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "policy") -> SitePolicy:

@@ -777,46 +777,10 @@ def _fit(
             fit["error"] = type(exc).__name__
             result = None
     categories = sorted({w.category.__name__ for w in caught})
-    if categories:
-        fit["warnings"] = categories
-    exog = np.asarray(model.exog, dtype=np.float64)
-    endog = np.asarray(model.endog, dtype=np.float64)
-    nobs = int(exog.shape[0])
-    rank = int(np.linalg.matrix_rank(exog)) if exog.size else 0
-    binary_model = _family_name(fam) == "binomial"
-    outcome: dict[str, int] | None = None
-    binary_endog = endog.ndim == 1 and bool(np.all((endog == 0) | (endog == 1)))
-    if binary_model and binary_endog:
-        events = int(endog.sum())
-        outcome = {"events": events, "non_events": nobs - events}
-    if result is not None:
-        fit["converged"] = _converged(method, result, categories)
-        if binary_model and _separated(result, categories):
-            fit["separation"] = True
-    support, terms = _categorical_counts(model, exog, names, endog if outcome is not None else None)
     use_t = bool(result.use_t) if result is not None else method == "ols"
-    evidence = ModelEvidence(
-        method=method,
-        family=_family_name(fam),
-        link=type(fam.link).__name__.lower(),
-        formula=formula,
-        nobs=nobs,
-        rank=rank,
-        k_constant=int(model.k_constant),
-        df_resid=float(nobs - rank),
-        df_model=float(rank - (int(model.k_constant) if method == "ols" else 1)),
-        use_t=use_t,
-        params=names,
-        values=values,
-        binary_model=binary_model,
-        outcome=outcome,
-        support=support,
-        terms=terms,
-        fit=fit,
+    evidence = _model_evidence(
+        method, fam, model, result, formula, names, values, fit, categories, use_t
     )
-    # The kernel validates its own evidence too, so a numerical disagreement shows
-    # up for the researcher, not only as a failed recheck at the site.
-    evidence.validate()
     return ModelOutput(evidence, pol, result)
 
 
@@ -859,7 +823,30 @@ def model_output_from_result(result: Any, policy: PolicyArg = None) -> ModelOutp
         warnings.simplefilter("always")
         values = _result_table(res)
     categories = sorted({w.category.__name__ for w in caught})
-    fit: dict[str, Any] = {"converged": _converged(method, res, categories)}
+    formula = str(getattr(model, "formula", None) or "")
+    evidence = _model_evidence(
+        method, fam, model, res, formula, names, values, {}, categories, bool(res.use_t)
+    )
+    return ModelOutput(evidence, pol, result)
+
+
+def _model_evidence(
+    method: str,
+    fam: Any,
+    model: Any,
+    result: Any,
+    formula: str,
+    names: list[str],
+    values: np.ndarray,
+    fit: dict[str, Any],
+    categories: list[str],
+    use_t: bool,
+) -> ModelEvidence:
+    """The evidence of one fit (``result`` None when fitting raised), validated.
+
+    ``categories`` are the warning classes raised while fitting; they and the
+    convergence and separation notes go into ``fit``.
+    """
     if categories:
         fit["warnings"] = categories
     exog = np.asarray(model.exog, dtype=np.float64)
@@ -871,21 +858,23 @@ def model_output_from_result(result: Any, policy: PolicyArg = None) -> ModelOutp
     if binary_model and endog.ndim == 1 and bool(np.all((endog == 0) | (endog == 1))):
         events = int(endog.sum())
         outcome = {"events": events, "non_events": nobs - events}
-    if binary_model and _separated(res, categories):
-        fit["separation"] = True
+    if result is not None:
+        fit["converged"] = _converged(method, result, categories)
+        if binary_model and _separated(result, categories):
+            fit["separation"] = True
     support, terms = _categorical_counts(model, exog, names, endog if outcome is not None else None)
     k_constant = int(model.k_constant)
     evidence = ModelEvidence(
         method=method,
         family=_family_name(fam),
         link=type(fam.link).__name__.lower(),
-        formula=str(getattr(model, "formula", None) or ""),
+        formula=formula,
         nobs=nobs,
         rank=rank,
         k_constant=k_constant,
         df_resid=float(nobs - rank),
         df_model=float(rank - (k_constant if method == "ols" else 1)),
-        use_t=bool(res.use_t),
+        use_t=use_t,
         params=names,
         values=values,
         binary_model=binary_model,
@@ -894,8 +883,10 @@ def model_output_from_result(result: Any, policy: PolicyArg = None) -> ModelOutp
         terms=terms,
         fit=fit,
     )
+    # The kernel validates its own evidence too, so a numerical disagreement shows
+    # up for the researcher, not only as a failed recheck at the site.
     evidence.validate()
-    return ModelOutput(evidence, pol, result)
+    return evidence
 
 
 def _result_table(result: Any) -> np.ndarray:

@@ -16,11 +16,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["DEFAULT_POLICY", "Policy", "PolicyError", "load_policy", "resolve_policy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "Policy",
+    "PolicyError",
+    "canonical_hash",
+    "load_policy",
+    "resolve_policy",
+]
 
 Rounding = Literal["none", "base5", "midpoint6"]
 Verdict = Literal["pass", "review", "fail"]
 SingleValueStatistic = Literal["min", "max", "mode", "first", "last", "median"]
+
+
+def canonical_hash(data: object) -> str:
+    """``sha256:<hex>`` of the canonical JSON form of ``data`` (sorted keys, no spaces)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class PolicyError(ValueError):
@@ -91,8 +104,7 @@ class Policy(BaseModel):
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON form: names the exact rules an output was checked with."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return canonical_hash(self.to_dict())
 
     @classmethod
     def from_mapping(cls, data: dict[str, object], source: str = "policy") -> Policy:
