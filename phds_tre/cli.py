@@ -51,7 +51,20 @@ def cli() -> None:
         "(stream and error outputs, which may not have metadata: in their cell's)."
     ),
 )
-def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: str | None) -> None:
+@click.option(
+    "--data",
+    "site_dir",
+    metavar="SITE_DIR",
+    default=None,
+    help="The site's data folder: also fail outputs that hold one of its identifiers.",
+)
+def check_command(
+    notebook: str,
+    policy_path: str | None,
+    fmt: str,
+    write_path: str | None,
+    site_dir: str | None,
+) -> None:
     """Check every output of an executed notebook with the disclosure rules.
 
     Each output gets a verdict, pass, review or fail, with its reasons; the
@@ -70,7 +83,12 @@ def check_command(notebook: str, policy_path: str | None, fmt: str, write_path: 
 
     try:
         code = run_check(
-            notebook, policy_path=policy_path, fmt=fmt, write_path=write_path, echo=click.echo
+            notebook,
+            policy_path=policy_path,
+            fmt=fmt,
+            write_path=write_path,
+            echo=click.echo,
+            site_dir=site_dir,
         )
     except CheckInputError as exc:
         message = " ".join(str(exc).split())

@@ -42,21 +42,33 @@ def run_check(
     write_path: str | Path | None = None,
     echo: Callable[[str], None] = print,
     recheck: Rechecker | None = None,
+    site_dir: str | Path | None = None,
 ) -> int:
     """Check ``notebook``, print the report with ``echo`` and return the exit status.
 
+    With ``site_dir`` (the site's OMOP Parquet folder) outputs are also scanned
+    for the site's identifiers (the policy's ``[scan]`` columns).
     Raises :class:`CheckInputError` for an unreadable or invalid notebook, a
-    bad policy or an unwritable ``write_path``; the caller prints it and exits 2.
+    bad policy, unreadable site data or an unwritable ``write_path``; the
+    caller prints it and exits 2.
     """
+    from phds_tre.release.scan import IdentifierIndexError
+    from phds_tre.run import site_identifier_index
+
     try:
         # A site's whole policy file is accepted; its disclosure rules are what checks outputs.
-        policy: Policy = (
-            load_site_policy(policy_path).disclosure if policy_path is not None else DEFAULT_POLICY
-        )
+        site_policy = load_site_policy(policy_path)
+        policy: Policy = site_policy.disclosure if policy_path is not None else DEFAULT_POLICY
         nb = read_notebook(notebook)
-    except (PolicyError, NotebookError) as exc:
+        scanner = None
+        if site_dir is not None:
+            folder = Path(site_dir)
+            if not folder.is_dir():
+                raise CheckInputError(f"{folder}: no such site data folder")
+            scanner = site_identifier_index(folder, site_policy.scan.identifier_columns)
+    except (PolicyError, NotebookError, IdentifierIndexError) as exc:
         raise CheckInputError(str(exc)) from None
-    report = check_notebook(nb, policy, recheck=recheck)
+    report = check_notebook(nb, policy, recheck=recheck, scanner=scanner)
     if write_path is not None:
         try:
             save_notebook(write_verdicts(nb, report), write_path)
