@@ -337,6 +337,202 @@ def run_command(
     raise SystemExit({"released": 0, "awaiting_review": 3}.get(status, 4))
 
 
+@cli.command("bundle")
+@click.argument("notebook", metavar="NOTEBOOK.ipynb", type=click.Path(path_type=Path))
+@click.option("--title", required=True, help="The study's title.")
+@click.option(
+    "--sites",
+    required=True,
+    metavar="A,B,...",
+    help="Target sites, comma separated (names of [a-z0-9_]).",
+)
+@click.option("--purpose", default="", help="Why the study is run (shown to site admins).")
+@click.option(
+    "--researcher",
+    default=None,
+    help="The researcher's name (default: the login name).",
+)
+@click.option(
+    "-p",
+    "--parameter",
+    "parameters",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="A parameter for every site (repeatable).",
+)
+@click.option(
+    "--site-param",
+    "site_params",
+    nargs=3,
+    multiple=True,
+    metavar="SITE NAME VALUE",
+    help="A parameter for one site, overriding the shared one (repeatable).",
+)
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    metavar="KEYFILE",
+    help="The researcher's Ed25519 private key (PEM, e.g. made by phds keygen).",
+)
+@click.option(
+    "--out", "out_path", required=True, metavar="STUDY.zip", help="The bundle file to write."
+)
+def bundle_command(
+    notebook: Path,
+    title: str,
+    sites: str,
+    purpose: str,
+    researcher: str | None,
+    parameters: tuple[tuple[str, str], ...],
+    site_params: tuple[tuple[str, str, str], ...],
+    key_path: str,
+    out_path: str,
+) -> None:
+    """Make a signed study bundle (notebook + manifest) and print its study id.
+
+    Parameters are checked against the notebook's parameters cell, for
+    every site, before anything is written.
+
+    \b
+    Exit status:
+      0  written
+      2  bad input: notebook, parameters, key file or output path
+    """
+    import getpass
+
+    from phds_tre.bundle import BundleError, build_bundle, write_bundle
+    from phds_tre.release.signing import KeyFileError, load_private_key
+
+    per_site: dict[str, dict[str, str]] = {}
+    for site, name, value in site_params:
+        per_site.setdefault(site, {})[name] = value
+    fields = {
+        "title": title,
+        "purpose": purpose,
+        "researcher": researcher or getpass.getuser(),
+        "sites": [s.strip() for s in sites.split(",") if s.strip()],
+        "parameters": dict(parameters),
+        "site_parameters": per_site,
+    }
+    try:
+        key = load_private_key(key_path)
+        study = build_bundle(notebook, fields, key)
+        write_bundle(study, out_path)
+    except (BundleError, KeyFileError) as exc:
+        message = " ".join(str(exc).split())
+        click.echo(f"phds: error: {message}", err=True)
+        raise SystemExit(2) from None
+    click.echo(study.study_id)
+
+
+@cli.command("bundle-verify")
+@click.argument("bundle_path", metavar="STUDY.zip")
+@click.option(
+    "--key",
+    "key_paths",
+    metavar="PUBFILE",
+    multiple=True,
+    help="A researcher public key the site accepted (PEM .pub or base64); repeatable.",
+)
+def bundle_verify_command(bundle_path: str, key_paths: tuple[str, ...]) -> None:
+    """Verify a study bundle: members, notebook hash, manifest, signature, trusted key.
+
+    Without --key the signature is checked with the key the bundle carries,
+    which proves integrity but not who signed it.
+
+    \b
+    Exit status:
+      0  verified
+      1  altered, or signed by a key that is not trusted
+      2  bad input: unreadable file, not a zip, unreadable key file
+    """
+    from phds_tre.bundle import BundleError, verify_bundle
+    from phds_tre.release.signing import KeyFileError, load_public_key
+
+    try:
+        keys = [load_public_key(p) for p in key_paths] or None
+        result = verify_bundle(bundle_path, keys)
+    except (BundleError, KeyFileError) as exc:
+        message = " ".join(str(exc).split())
+        click.echo(f"phds: error: {message}", err=True)
+        raise SystemExit(2) from None
+    for problem in result.problems:
+        click.echo(f"problem: {problem}")
+    if not result.ok:
+        click.echo(f"bundle NOT verified: {len(result.problems)} problem(s)")
+        raise SystemExit(1)
+    trust = (
+        "a trusted key" if result.trusted else "a key not checked against trusted keys (no --key)"
+    )
+    click.echo(f"study {result.study_id} verified: signed by {trust} {result.key_id}")
+
+
+@cli.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit trail of a hub or node (a hash-chained SQLite log)."""
+
+
+@audit_group.command("verify")
+@click.argument("db", metavar="DB")
+@click.option(
+    "--head",
+    "head",
+    metavar="COUNT:HASH",
+    default=None,
+    help="An anchor published earlier (e.g. at the hub): also finds a deleted tail.",
+)
+def audit_verify_command(db: str, head: str | None) -> None:
+    """Verify an audit log's hash chain; name every edited, moved, deleted or forged entry.
+
+    Prints "audit log verified: N entries, head <hash>" or one line per
+    problem. Without --head a log whose last entries were deleted still
+    verifies: publish the head (COUNT:HASH) somewhere else to detect that.
+
+    \b
+    Exit status:
+      0  verified
+      1  tampered: one line per problem
+      2  bad input: no such file, not an audit log, malformed --head
+    """
+    from phds_tre.audit import AuditLog, AuditLogError, parse_anchor
+
+    try:
+        anchor = parse_anchor(head) if head is not None else None
+        result = AuditLog(db, create=False).verify(expected_head=anchor)
+    except (AuditLogError, ValueError) as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    if result.ok:
+        click.echo(f"audit log verified: {result.count} entries, head {result.head_hash}")
+        raise SystemExit(0)
+    for problem in result.problems:
+        click.echo(problem)
+    raise SystemExit(1)
+
+
+@audit_group.command("show")
+@click.argument("db", metavar="DB")
+@click.option(
+    "--last",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Only the last N entries.",
+)
+def audit_show_command(db: str, last: int | None) -> None:
+    """Print an audit log's entries as a table (without verifying it)."""
+    from phds_tre.audit import AuditLog, AuditLogError, format_entries
+
+    try:
+        entries = AuditLog(db, create=False).entries(last=last)
+    except AuditLogError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(format_entries(entries))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="phds")
