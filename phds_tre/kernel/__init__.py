@@ -1,10 +1,9 @@
 """What runs inside the site kernel: output capture and :func:`share`.
 
-The executor starts every site kernel with this IPython extension::
-
-    --IPKernelApp.extensions=['phds_tre.kernel']
-
-(or a notebook runs ``%load_ext phds_tre.kernel``). Loading it
+The executor loads this IPython extension into every site kernel when it binds
+the kernel to a run (the bootstrap in :mod:`phds_tre.execute.sandbox`, after the
+run's environment is set and before any researcher code); outside a site, a
+notebook can run ``%load_ext phds_tre.kernel``. Loading it
 
 * sets the active disclosure policy from the environment variable
   :data:`POLICY_ENV` (a JSON object of :class:`~phds_tre.sdc.Policy` fields;
