@@ -533,6 +533,144 @@ def audit_show_command(db: str, last: int | None) -> None:
     click.echo(format_entries(entries))
 
 
+@cli.group("hub")
+def hub_group() -> None:
+    """The hub: the coordinator that stores studies, runs and signed releases."""
+
+
+_hub_db_option = click.option(
+    "--db",
+    "db_url",
+    default=None,
+    metavar="URL",
+    help="SQLAlchemy URL (default: sqlite file hub.sqlite in --data; postgresql+psycopg://...).",
+)
+_hub_data_option = click.option(
+    "--data",
+    "data_dir",
+    default="phds-hub",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for bundles, releases and the hub audit log.",
+)
+
+
+@hub_group.command("serve")
+@_hub_db_option
+@_hub_data_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
+def hub_serve_command(db_url: str | None, data_dir: Path, host: str, port: int) -> None:
+    """Run the hub's REST service (OpenAPI at /openapi.json)."""
+    import uvicorn
+
+    from phds_tre.hub.app import create_app
+    from phds_tre.hub.store import default_db_url
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(db_url or default_db_url(data_dir), data_dir)
+    uvicorn.run(app, host=host, port=port)
+
+
+@hub_group.group("admin")
+def hub_admin_group() -> None:
+    """Bootstrap the hub directly on its database (e.g. the first admin and token)."""
+
+
+@hub_admin_group.command("create-principal")
+@click.argument("name")
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice(["admin", "researcher", "node", "reviewer"]),
+    help="What the principal may do.",
+)
+@click.option("--site", default=None, help="The site of a node or reviewer.")
+@click.option(
+    "--public-key",
+    "public_key_path",
+    default=None,
+    metavar="FILE",
+    help="Ed25519 public key (PEM .pub or base64) of a researcher or node.",
+)
+@_hub_db_option
+@_hub_data_option
+def hub_create_principal_command(
+    name: str,
+    role: str,
+    site: str | None,
+    public_key_path: str | None,
+    db_url: str | None,
+    data_dir: Path,
+) -> None:
+    """Register a principal."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from phds_tre.audit import AuditLog
+    from phds_tre.hub.auth import create_principal
+    from phds_tre.hub.store import Store, default_db_url
+    from phds_tre.release.signing import KeyFileError, load_public_key
+
+    public_key = None
+    try:
+        if public_key_path:
+            raw = load_public_key(public_key_path).public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+            public_key = base64.b64encode(raw).decode("ascii")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(db_url or default_db_url(data_dir))
+        principal = create_principal(store, name, role, site, public_key)
+    except (KeyFileError, ValueError) as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    AuditLog(data_dir / "audit.sqlite").append(
+        "cli:hub-admin",
+        "key_accepted",
+        f"principal:{principal.name}",
+        {"event": "principal_created", "role": role, "site": site},
+    )
+    click.echo(f"principal {principal.id} {principal.name} ({role})")
+
+
+@hub_admin_group.command("create-token")
+@click.argument("name")
+@click.option(
+    "--expires-in",
+    "expires_in_s",
+    default=30 * 24 * 3600,
+    show_default=True,
+    type=int,
+    help="Seconds until the token expires.",
+)
+@_hub_db_option
+@_hub_data_option
+def hub_create_token_command(
+    name: str, expires_in_s: int, db_url: str | None, data_dir: Path
+) -> None:
+    """Issue a token for a principal and print it (shown this once)."""
+    from phds_tre.audit import AuditLog
+    from phds_tre.hub.auth import issue_token
+    from phds_tre.hub.store import Store, default_db_url
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(db_url or default_db_url(data_dir))
+        bearer, token = issue_token(store, name, expires_in_s)
+    except (LookupError, ValueError) as exc:
+        click.echo(f"phds: error: {str(exc).strip(chr(34))}", err=True)
+        raise SystemExit(2) from None
+    AuditLog(data_dir / "audit.sqlite").append(
+        "cli:hub-admin",
+        "key_accepted",
+        f"token:{token.id}",
+        {"event": "token_issued", "principal": name, "expires": token.expires.isoformat()},
+    )
+    click.echo(bearer)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="phds")
