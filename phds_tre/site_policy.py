@@ -25,13 +25,12 @@ Unknown keys, wrong types and out-of-range values are errors naming the key.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from phds_tre.sdc.policy import Policy, PolicyError, canonical_hash
+from phds_tre.sdc.policy import Policy, PolicyError, canonical_hash, read_policy_file
 
 __all__ = [
     "CODE_GATE_CATEGORIES",
@@ -157,13 +156,4 @@ def load_site_policy(path: str | Path | None) -> SitePolicy:
     """Load a site policy file; ``None`` gives the defaults."""
     if path is None:
         return SitePolicy()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file ({exc.strerror})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML ({exc})") from None
-    return SitePolicy.from_mapping(data, source=str(path))
+    return SitePolicy.from_mapping(read_policy_file(path), source=str(path))

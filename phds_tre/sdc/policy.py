@@ -12,7 +12,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,18 +129,22 @@ def _describe(exc: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(problems)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Load a site policy from a TOML file; raise :class:`PolicyError` with the key at fault."""
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML of a policy file; :class:`PolicyError` when unreadable or not TOML."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file ({exc.strerror})") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{path}: not valid TOML ({exc})") from None
-    return Policy.from_mapping(data, source=str(path))
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load a site policy from a TOML file; raise :class:`PolicyError` with the key at fault."""
+    return Policy.from_mapping(read_policy_file(path), source=str(path))
 
 
 DEFAULT_POLICY = Policy()
