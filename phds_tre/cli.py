@@ -7,6 +7,7 @@ a user can fix are printed as one line (``phds: error: ...``) with exit status
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,27 @@ policy_option = click.option(
     default=None,
     help="Site disclosure policy (TOML). Default: the built-in defaults.",
 )
+
+
+def study_parameter_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``-p NAME VALUE`` and ``--site-param SITE NAME VALUE``, shared by bundle and submit."""
+    command = click.option(
+        "--site-param",
+        "site_params",
+        nargs=3,
+        multiple=True,
+        metavar="SITE NAME VALUE",
+        help="A parameter for one site, overriding the shared one (repeatable).",
+    )(command)
+    return click.option(
+        "-p",
+        "--parameter",
+        "parameters",
+        nargs=2,
+        multiple=True,
+        metavar="NAME VALUE",
+        help="A parameter for every site (repeatable).",
+    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -352,23 +374,7 @@ def run_command(
     default=None,
     help="The researcher's name (default: the login name).",
 )
-@click.option(
-    "-p",
-    "--parameter",
-    "parameters",
-    nargs=2,
-    multiple=True,
-    metavar="NAME VALUE",
-    help="A parameter for every site (repeatable).",
-)
-@click.option(
-    "--site-param",
-    "site_params",
-    nargs=3,
-    multiple=True,
-    metavar="SITE NAME VALUE",
-    help="A parameter for one site, overriding the shared one (repeatable).",
-)
+@study_parameter_options
 @click.option(
     "--key",
     "key_path",
@@ -669,6 +675,276 @@ def hub_create_token_command(
         {"event": "token_issued", "principal": name, "expires": token.expires.isoformat()},
     )
     click.echo(bearer)
+
+
+# -- the researcher's client of the hub (configuration: see phds_tre.client) -------------------
+
+
+def _client_error(exc: Exception) -> SystemExit:
+    """Print ``phds: error: ...`` (one line); the exit (status 2) to raise."""
+    click.echo(f"phds: error: {' '.join(str(exc).split())}", err=True)
+    return SystemExit(2)
+
+
+def _client_hub() -> Any:
+    """The configured :class:`phds_tre.client.Hub` (bad configuration: exit 2)."""
+    from phds_tre.client import ClientConfig, ConfigError, Hub
+
+    try:
+        return Hub.from_config(ClientConfig.load())
+    except ConfigError as exc:
+        raise _client_error(exc) from None
+
+
+def _progress(run: dict[str, Any]) -> str:
+    total = run["cells_total"]
+    return f"{run['cells_done']}/{total}" if total else "-"
+
+
+@cli.command("submit")
+@click.argument("notebook", metavar="NOTEBOOK.ipynb", type=click.Path(path_type=Path))
+@click.option("--sites", required=True, metavar="A,B,...", help="Target sites, comma separated.")
+@click.option("--title", default=None, help="The study's title (default: the notebook's name).")
+@click.option("--purpose", default="", help="Why the study is run (shown to site admins).")
+@study_parameter_options
+def submit_command(
+    notebook: Path,
+    sites: str,
+    title: str | None,
+    purpose: str,
+    parameters: tuple[tuple[str, str], ...],
+    site_params: tuple[tuple[str, str, str], ...],
+) -> None:
+    """Sign a study bundle for NOTEBOOK with your key and submit it; print the study id.
+
+    The hub, the token and the signing key come from the client configuration
+    (PHDS_HUB_URL, PHDS_TOKEN_FILE, PHDS_KEY or ~/.phds/client.toml), never from
+    the command line.
+
+    \b
+    Exit status:
+      0  submitted (or submitted before: the same study id)
+      2  bad configuration or input, or the hub refused the study
+    """
+    import getpass
+    import tempfile
+
+    from phds_tre.bundle import BundleError, build_bundle, write_bundle
+    from phds_tre.client import ClientConfig, ConfigError, Hub, HubError
+    from phds_tre.release.signing import KeyFileError, load_private_key
+
+    per_site: dict[str, dict[str, str]] = {}
+    for site, name, value in site_params:
+        per_site.setdefault(site, {})[name] = value
+    try:
+        config = ClientConfig.load()
+        if config.key_path is None:
+            raise ConfigError("no signing key: set PHDS_KEY or key in the client configuration")
+        fields = {
+            "title": title or notebook.stem,
+            "purpose": purpose,
+            "researcher": config.researcher or getpass.getuser(),
+            "sites": [s.strip() for s in sites.split(",") if s.strip()],
+            "parameters": dict(parameters),
+            "site_parameters": per_site,
+        }
+        bundle = build_bundle(notebook, fields, load_private_key(config.key_path))
+        with tempfile.TemporaryDirectory() as tmp, Hub.from_config(config) as hub:
+            study = hub.submit(write_bundle(bundle, Path(tmp) / "study.zip"))
+    except (BundleError, ConfigError, HubError, KeyFileError) as exc:
+        raise _client_error(exc) from None
+    click.echo(study["id"])
+
+
+@cli.command("status")
+@click.argument("study_id", metavar="STUDY")
+def status_command(study_id: str) -> None:
+    """Print a study's runs: one line per site with status, cells done and last update.
+
+    \b
+    Exit status:
+      0  shown
+      2  bad configuration, or the hub refused
+    """
+    from phds_tre.client import HubError
+
+    try:
+        with _client_hub() as hub:
+            study = hub.study(study_id)
+    except HubError as exc:
+        raise _client_error(exc) from None
+    click.echo(f"study {study['id']}: {study['title']}")
+    rows = [
+        (run["site"], run["status"], _progress(run), str(run["updated"])[:19].replace("T", " "))
+        for run in study["runs"]
+    ]
+    header = ("SITE", "STATUS", "CELLS", "UPDATED (UTC)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        click.echo(
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
+            + "  "
+            + row[3]
+        )
+
+
+@cli.command("watch")
+@click.argument("study_id", metavar="STUDY")
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between polls.",
+)
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="Give up after this many seconds (default: never).",
+)
+def watch_command(study_id: str, interval: float, timeout: float | None) -> None:
+    """Show a progress bar per site until every run has finished.
+
+    \b
+    Exit status:
+      0  every run released
+      2  bad configuration, or the hub refused
+      3  timed out with runs unfinished (e.g. awaiting output review)
+      4  a run failed, was rejected or was cancelled
+    """
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from phds_tre.client import FINISHED, HubError
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bars: dict[str, Any] = {}
+    try:
+        with _client_hub() as hub:
+            while True:
+                study = hub.study(study_id)
+                runs = study["runs"]
+                for position, run in enumerate(runs):
+                    site = run["site"]
+                    if site not in bars:
+                        bars[site] = tqdm(
+                            total=1,
+                            position=position,
+                            file=sys.stderr,
+                            leave=True,
+                            unit="cell",
+                            dynamic_ncols=True,
+                        )
+                    bar = bars[site]
+                    total = max(run["cells_total"], 1)
+                    done = run["cells_done"] if run["cells_total"] else 0
+                    if run["status"] == "released":
+                        done = total
+                    bar.total = total
+                    bar.n = min(done, total)
+                    bar.set_description(f"{site} {run['status']}", refresh=False)
+                    bar.refresh()
+                finished = all(run["status"] in FINISHED for run in runs)
+                if finished or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                time.sleep(
+                    interval
+                    if deadline is None
+                    else max(0.0, min(interval, deadline - time.monotonic()))
+                )
+    except HubError as exc:
+        for bar in bars.values():
+            bar.close()
+        raise _client_error(exc) from None
+    for bar in bars.values():
+        bar.close()
+    for run in runs:
+        click.echo(f"{run['site']}: {run['status']} ({_progress(run)} cells)")
+    statuses = {run["status"] for run in runs}
+    if statuses & {"failed", "rejected", "cancelled"}:
+        raise SystemExit(4)
+    if not finished:
+        waiting = sorted(run["site"] for run in runs if run["status"] == "awaiting_review")
+        note = f"; awaiting output review at {', '.join(waiting)}" if waiting else ""
+        click.echo(f"phds: timed out with runs unfinished{note}", err=True)
+        raise SystemExit(3)
+
+
+@cli.command("results")
+@click.argument("study_id", metavar="STUDY")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the releases and results.json.",
+)
+@click.option(
+    "--site-key",
+    "site_keys",
+    nargs=2,
+    multiple=True,
+    metavar="SITE KEYFILE",
+    help="A site's trusted public key (repeatable); given any, every release must be signed by its site's key.",
+)
+def results_command(study_id: str, out_dir: Path, site_keys: tuple[tuple[str, str], ...]) -> None:
+    """Download and verify every released run into OUT/<site>/release/, with OUT/results.json.
+
+    \b
+    Exit status:
+      0  every release verified
+      1  a release failed verification (altered, or signed by an untrusted key)
+      2  bad configuration or key file, or the hub refused
+    """
+    from phds_tre.client import HubError
+    from phds_tre.release.signing import KeyFileError, load_public_key
+
+    trusted: dict[str, list[Any]] | None = None
+    try:
+        if site_keys:
+            trusted = {}
+            for site, path in site_keys:
+                trusted.setdefault(site, []).append(load_public_key(path))
+        with _client_hub() as hub:
+            summary = hub.results(study_id, out_dir, trusted)
+    except (HubError, KeyFileError, OSError) as exc:
+        raise _client_error(exc) from None
+    for site, entry in summary["sites"].items():
+        if not entry["released"]:
+            click.echo(f"{site}: {entry['status']} (no release)")
+        elif entry["verified"]:
+            click.echo(
+                f"{site}: verified, {entry['files']} files, key {entry['key_id']} -> {entry['path']}"
+            )
+        else:
+            click.echo(f"{site}: NOT VERIFIED: {'; '.join(entry['problems'])}")
+    click.echo(f"summary: {out_dir / 'results.json'}")
+    if not summary["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command("cancel")
+@click.argument("study_id", metavar="STUDY")
+def cancel_command(study_id: str) -> None:
+    """Cancel every unfinished run of a study; print each site's status.
+
+    \b
+    Exit status:
+      0  cancelled (finished runs keep their status)
+      2  bad configuration, or the hub refused
+    """
+    from phds_tre.client import HubError
+
+    try:
+        with _client_hub() as hub:
+            study = hub.cancel(study_id)
+    except HubError as exc:
+        raise _client_error(exc) from None
+    for run in study["runs"]:
+        click.echo(f"{run['site']}: {run['status']}")
 
 
 def main() -> None:
