@@ -947,6 +947,140 @@ def cancel_command(study_id: str) -> None:
         click.echo(f"{run['site']}: {run['status']}")
 
 
+@cli.group("node")
+def node_group() -> None:
+    """The hospital node: pulls runs from the hub (outbound connections only)."""
+
+
+_node_work_option = click.option(
+    "--work",
+    "work_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("node-work"),
+    show_default=True,
+    help="The node's working folder (state, audit log, runs).",
+)
+
+
+@node_group.command("serve")
+@click.option("--hub", "hub_url", required=True, help="The hub's URL, e.g. https://hub.example.")
+@click.option("--site", required=True, help="This site's name, as registered at the hub.")
+@click.option(
+    "--data",
+    "site_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The site's data folder (<table>.parquet).",
+)
+@policy_option
+@_node_work_option
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The site's signing key (default: $PHDS_HOME/keys/<site>.pem, made on first use).",
+)
+@click.option(
+    "--researcher-key",
+    "researcher_keys",
+    multiple=True,
+    metavar="PUB",
+    help="A researcher public key the site admin accepted (repeatable).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the node's hub token (default: $PHDS_NODE_TOKEN).",
+)
+def node_serve_command(
+    hub_url: str,
+    site: str,
+    site_dir: Path,
+    policy_path: str | None,
+    work_dir: Path,
+    key_path: Path | None,
+    researcher_keys: tuple[str, ...],
+    token_file: Path | None,
+) -> None:
+    """Serve runs for this site until Ctrl-C (long-polls the hub; retries while it is away)."""
+    import logging
+    import os
+
+    from phds_tre.node import NodeAgent
+    from phds_tre.release.signing import KeyFileError, load_public_key
+    from phds_tre.run import default_key_path
+    from phds_tre.sdc.policy import PolicyError
+    from phds_tre.site_policy import load_site_policy
+
+    token = (
+        token_file.read_text(encoding="utf-8").strip()
+        if token_file
+        else os.environ.get("PHDS_NODE_TOKEN", "")
+    )
+    if not token:
+        click.echo("phds: error: no hub token: set PHDS_NODE_TOKEN or --token-file", err=True)
+        raise SystemExit(2)
+    try:
+        site_policy = load_site_policy(policy_path)
+        keys = [load_public_key(k) for k in researcher_keys]
+    except (PolicyError, KeyFileError) as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    if not keys:
+        click.echo("phds: warning: no --researcher-key: every bundle will be rejected", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    agent = NodeAgent(
+        hub_url,
+        token,
+        site,
+        site_dir,
+        site_policy,
+        work_dir,
+        key_path or default_key_path(site),
+        keys,
+    )
+    click.echo(f"node {site}: serving runs from {hub_url} (Ctrl-C stops)")
+    try:
+        agent.run_forever()
+    except KeyboardInterrupt:
+        click.echo("node: stopping")
+    finally:
+        agent.close()
+
+
+@node_group.command("approve")
+@click.argument("run_id", metavar="RUN")
+@_node_work_option
+def node_approve_command(run_id: str, work_dir: Path) -> None:
+    """Approve a run awaiting the site's approval; the serving node re-runs it."""
+    from phds_tre.node import StateError, approve_run
+
+    try:
+        approve_run(work_dir, run_id)
+    except StateError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(f"run {run_id} approved")
+
+
+@node_group.command("reject")
+@click.argument("run_id", metavar="RUN")
+@click.option("--reason", default="", help="Why (sent to the hub).")
+@_node_work_option
+def node_reject_command(run_id: str, reason: str, work_dir: Path) -> None:
+    """Reject a run awaiting the site's approval; the serving node tells the hub."""
+    from phds_tre.node import StateError, reject_run
+
+    try:
+        reject_run(work_dir, run_id, reason)
+    except StateError as exc:
+        click.echo(f"phds: error: {exc}", err=True)
+        raise SystemExit(2) from None
+    click.echo(f"run {run_id} rejected")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="phds")
