@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from phds_tre import __version__
+
+
+def fail(problem: object) -> NoReturn:
+    """Print ``phds: error: ...`` as one line on stderr and exit with status 2 (bad input)."""
+    message = " ".join(str(problem).split())
+    click.echo(f"phds: error: {message}", err=True)
+    raise SystemExit(2)
+
 
 #: ``--policy FILE``: the site's disclosure policy, shared by every command that checks.
 policy_option = click.option(
@@ -113,9 +121,7 @@ def check_command(
             site_dir=site_dir,
         )
     except CheckInputError as exc:
-        message = " ".join(str(exc).split())
-        click.echo(f"phds: error: {message}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     raise SystemExit(code)
 
 
@@ -140,8 +146,7 @@ def demo_command(out_dir: Path, policy_path: str | None) -> None:
     try:
         site_policy = load_site_policy(policy_path)
     except PolicyError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     bars: dict[str, tqdm[Any]] = {}
 
     def progress(site: str, done: int, total: int) -> None:
@@ -191,8 +196,7 @@ def synth_command(out_dir: Path, sites: int, persons: int | None, seed: int) -> 
     try:
         summaries, seconds = timed_generate(out_dir, sites=sites, persons=persons, seed=seed)
     except OSError as exc:
-        click.echo(f"phds: error: cannot write synthetic data to {out_dir}: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(f"cannot write synthetic data to {out_dir}: {exc}")
     click.echo(format_summaries(summaries, seconds))
     click.echo(f"written to {out_dir}")
 
@@ -246,8 +250,7 @@ def keygen_command(out_path: str) -> None:
     try:
         key = generate_key(out_path)
     except KeyFileError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     click.echo(f"private key: {out_path} (keep it secret)")
     click.echo(f"public key:  {public_key_path(out_path)}")
     click.echo(f"key id:      {key_id(key.public_key())}")
@@ -319,8 +322,7 @@ def run_command(
     try:
         site_policy = load_site_policy(policy_path)
     except PolicyError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     bar: tqdm[Any] | None = None
 
     def progress(site: str, done: int, total: int) -> None:
@@ -345,8 +347,7 @@ def run_command(
     try:
         record = run.run()
     except RunError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     finally:
         if bar is not None:
             bar.close()
@@ -427,9 +428,7 @@ def bundle_command(
         study = build_bundle(notebook, fields, key)
         write_bundle(study, out_path)
     except (BundleError, KeyFileError) as exc:
-        message = " ".join(str(exc).split())
-        click.echo(f"phds: error: {message}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     click.echo(study.study_id)
 
 
@@ -461,9 +460,7 @@ def bundle_verify_command(bundle_path: str, key_paths: tuple[str, ...]) -> None:
         keys = [load_public_key(p) for p in key_paths] or None
         result = verify_bundle(bundle_path, keys)
     except (BundleError, KeyFileError) as exc:
-        message = " ".join(str(exc).split())
-        click.echo(f"phds: error: {message}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     for problem in result.problems:
         click.echo(f"problem: {problem}")
     if not result.ok:
@@ -508,8 +505,7 @@ def audit_verify_command(db: str, head: str | None) -> None:
         anchor = parse_anchor(head) if head is not None else None
         result = AuditLog(db, create=False).verify(expected_head=anchor)
     except (AuditLogError, ValueError) as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     if result.ok:
         click.echo(f"audit log verified: {result.count} entries, head {result.head_hash}")
         raise SystemExit(0)
@@ -534,8 +530,7 @@ def audit_show_command(db: str, last: int | None) -> None:
     try:
         entries = AuditLog(db, create=False).entries(last=last)
     except AuditLogError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     click.echo(format_entries(entries))
 
 
@@ -630,8 +625,7 @@ def hub_create_principal_command(
         store = Store(db_url or default_db_url(data_dir))
         principal = create_principal(store, name, role, site, public_key)
     except (KeyFileError, ValueError) as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     AuditLog(data_dir / "audit.sqlite").append(
         "cli:hub-admin",
         "key_accepted",
@@ -666,8 +660,7 @@ def hub_create_token_command(
         store = Store(db_url or default_db_url(data_dir))
         bearer, token = issue_token(store, name, expires_in_s)
     except (LookupError, ValueError) as exc:
-        click.echo(f"phds: error: {str(exc).strip(chr(34))}", err=True)
-        raise SystemExit(2) from None
+        fail(f"{str(exc).strip(chr(34))}")
     AuditLog(data_dir / "audit.sqlite").append(
         "cli:hub-admin",
         "key_accepted",
@@ -680,12 +673,6 @@ def hub_create_token_command(
 # -- the researcher's client of the hub (configuration: see phds_tre.client) -------------------
 
 
-def _client_error(exc: Exception) -> SystemExit:
-    """Print ``phds: error: ...`` (one line); the exit (status 2) to raise."""
-    click.echo(f"phds: error: {' '.join(str(exc).split())}", err=True)
-    return SystemExit(2)
-
-
 def _client_hub() -> Any:
     """The configured :class:`phds_tre.client.Hub` (bad configuration: exit 2)."""
     from phds_tre.client import ClientConfig, ConfigError, Hub
@@ -693,7 +680,7 @@ def _client_hub() -> Any:
     try:
         return Hub.from_config(ClientConfig.load())
     except ConfigError as exc:
-        raise _client_error(exc) from None
+        fail(exc)
 
 
 def _progress(run: dict[str, Any]) -> str:
@@ -752,7 +739,7 @@ def submit_command(
         with tempfile.TemporaryDirectory() as tmp, Hub.from_config(config) as hub:
             study = hub.submit(write_bundle(bundle, Path(tmp) / "study.zip"))
     except (BundleError, ConfigError, HubError, KeyFileError) as exc:
-        raise _client_error(exc) from None
+        fail(exc)
     click.echo(study["id"])
 
 
@@ -772,7 +759,7 @@ def status_command(study_id: str) -> None:
         with _client_hub() as hub:
             study = hub.study(study_id)
     except HubError as exc:
-        raise _client_error(exc) from None
+        fail(exc)
     click.echo(f"study {study['id']}: {study['title']}")
     rows = [
         (run["site"], run["status"], _progress(run), str(run["updated"])[:19].replace("T", " "))
@@ -858,7 +845,7 @@ def watch_command(study_id: str, interval: float, timeout: float | None) -> None
     except HubError as exc:
         for bar in bars.values():
             bar.close()
-        raise _client_error(exc) from None
+        fail(exc)
     for bar in bars.values():
         bar.close()
     for run in runs:
@@ -911,7 +898,7 @@ def results_command(study_id: str, out_dir: Path, site_keys: tuple[tuple[str, st
         with _client_hub() as hub:
             summary = hub.results(study_id, out_dir, trusted)
     except (HubError, KeyFileError, OSError) as exc:
-        raise _client_error(exc) from None
+        fail(exc)
     for site, entry in summary["sites"].items():
         if not entry["released"]:
             click.echo(f"{site}: {entry['status']} (no release)")
@@ -942,7 +929,7 @@ def cancel_command(study_id: str) -> None:
         with _client_hub() as hub:
             study = hub.cancel(study_id)
     except HubError as exc:
-        raise _client_error(exc) from None
+        fail(exc)
     for run in study["runs"]:
         click.echo(f"{run['site']}: {run['status']}")
 
@@ -1020,14 +1007,12 @@ def node_serve_command(
         else os.environ.get("PHDS_NODE_TOKEN", "")
     )
     if not token:
-        click.echo("phds: error: no hub token: set PHDS_NODE_TOKEN or --token-file", err=True)
-        raise SystemExit(2)
+        fail("no hub token: set PHDS_NODE_TOKEN or --token-file")
     try:
         site_policy = load_site_policy(policy_path)
         keys = [load_public_key(k) for k in researcher_keys]
     except (PolicyError, KeyFileError) as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     if not keys:
         click.echo("phds: warning: no --researcher-key: every bundle will be rejected", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -1060,8 +1045,7 @@ def node_approve_command(run_id: str, work_dir: Path) -> None:
     try:
         approve_run(work_dir, run_id)
     except StateError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     click.echo(f"run {run_id} approved")
 
 
@@ -1076,8 +1060,7 @@ def node_reject_command(run_id: str, reason: str, work_dir: Path) -> None:
     try:
         reject_run(work_dir, run_id, reason)
     except StateError as exc:
-        click.echo(f"phds: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        fail(exc)
     click.echo(f"run {run_id} rejected")
 
 
