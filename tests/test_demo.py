@@ -1,10 +1,13 @@
-"""The main job: `phds demo` runs the example study at three synthetic hospitals."""
+"""The main job: `phds demo` runs a federated network of three synthetic hospitals on localhost."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -15,8 +18,23 @@ from phds_tre.release.verify import verify_release
 PHDS = Path(sys.executable).with_name("phds")
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (the demo's folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
 @pytest.mark.slow
-def test_demo_runs_the_study_at_three_hospitals(tmp_path: Path) -> None:
+def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
         [str(PHDS), "demo", "--out", str(out)],
@@ -25,34 +43,81 @@ def test_demo_runs_the_study_at_three_hospitals(tmp_path: Path) -> None:
         timeout=600,
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "demo finished" in proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "demo finished: all released and verified" in proc.stdout
+    assert _processes_mentioning(str(out)) == []  # hub, nodes and kernels all stopped
+
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary) == 3
-    for name, site in summary.items():
-        assert site["status"] in ("released", "awaiting_review"), (name, site)
-        assert site["signature_verified"] is True
-        assert {"network", "memory", "read_only_data"} <= set(site["controls_held"])
-        release = out / "runs" / name / "release"
-        assert verify_release(release).ok
+    assert summary["ok"] is True
+    studies = summary["studies"]
+    assert set(studies) == {"example.ipynb", "benchmarking.ipynb", "haemophilia_feasibility.ipynb"}
+    for entry in studies.values():
+        assert set(entry["runs"].values()) == {"released"}
+        assert entry["verified"] and entry["complete"]
+
+    # At least one output was held and decided by the demo reviewer, with a comment.
+    decisions = [d for e in studies.values() for d in e["decisions"]]
+    assert decisions and all(d["comment"] for d in decisions)
+    assert {"approve", "reject"} <= {d["decision"] for d in decisions}
+
+    # Every downloaded release verifies against its hospital's key, and an approved
+    # output is in the released notebook.
+    releases = sorted((out / "results").glob("*/*/release"))
+    assert len(releases) == 9
+    approved_states = []
+    for release in releases:
+        assert verify_release(release).ok, release
         nb = nbformat.read(release / "release.ipynb", as_version=4)
-        states = [
+        approved_states += [
             o.metadata.get("phds", {}).get("release")
             for c in nb.cells
             if c.cell_type == "code"
             for o in c.outputs
             if o.output_type in ("display_data", "execute_result")
         ]
-        assert "released" in states
-    # the small regional hospital holds or withholds more than the large centre
-    counts = {n: s["counts"] for n, s in summary.items()}
-    large, small = (
-        max(counts, key=lambda n: counts[n]["released"]),
-        min(counts, key=lambda n: counts[n]["released"]),
+    assert "released" in approved_states and "withheld" in approved_states
+
+    # The combined results: a funnel plot, a forest plot and pooled intervals.
+    assert {"benchmarking_funnel.png", "mortality_lactate_forest.png"} <= set(summary["figures"])
+    for name in summary["figures"]:
+        assert (out / "figures" / name).stat().st_size > 1000
+    bench = studies["benchmarking.ipynb"]["combined"]
+    # The small hospital has fewer than 10 deaths: it is named as withheld, not guessed.
+    assert "hospital_c_girona" in bench["withheld"]
+    assert len(bench["hospitals"]) == 2
+    forest = studies["example.ipynb"]["combined"]["lactate_log_odds_per_mmol"]
+    assert forest["ci"][0] < forest["estimate"] < forest["ci"][1]
+    assert (out / "report.md").read_text().count("![") >= 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [str(PHDS), "demo", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert counts[large]["released"] > counts[small]["released"]
-    # the mortality model is shared where it passed
-    assert any(s["shared"] == ["mortality_model"] for s in summary.values())
+    logs = out / "network" / "logs"
+    deadline = time.monotonic() + 180
+    # Wait until every node is serving: the moment the most is running.
+    while time.monotonic() < deadline:
+        serving = [p for p in logs.glob("node-*.log") if "serving runs" in p.read_text()]
+        if len(serving) == 3:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the demo's nodes did not start")
+    assert len(_processes_mentioning(str(out))) >= 4  # the hub and three nodes at least
+    proc.send_signal(signal.SIGINT)
+    _stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "every process it started has been stopped" in stderr
+    assert "Traceback" not in stderr
+    assert _processes_mentioning(str(out)) == []
 
 
 def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
@@ -68,3 +133,4 @@ def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("phds: error:") and "min_count" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written

@@ -1,0 +1,287 @@
+"""``phds demo``: the main job — a federated network of three synthetic hospitals on localhost.
+
+It starts a hub and one node per hospital (separate processes on loopback,
+:class:`~phds_tre.demo.network.LocalNetwork`), makes the hospitals' synthetic
+OMOP data on first use, submits the demo studies in ``notebooks/`` as a
+researcher would, shows per-site progress, has a demo reviewer decide the
+outputs each hospital held for review, downloads and verifies every release,
+combines the shared results (:mod:`phds_tre.demo.report`) and writes a report
+folder: ``summary.json``, ``report.md`` and ``figures/``. Everything it started
+is stopped when it ends, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEMO_STUDIES", "DemoResult", "notebooks_dir", "run_demo"]
+
+#: The demo studies: notebook file, title, what the coordinator does with the shares.
+DEMO_STUDIES: tuple[tuple[str, str], ...] = (
+    ("example.ipynb", "Sepsis in paediatric intensive care: a first checked study"),
+    ("benchmarking.ipynb", "Benchmarking: PICU sepsis mortality per hospital"),
+    ("haemophilia_feasibility.ipynb", "Rare disease feasibility: haemophilia cohorts"),
+)
+#: Seconds the demo waits for all runs of all studies before giving up.
+DEMO_TIMEOUT_S = 600.0
+#: The demo reviewer's name (never the researcher: authors cannot review their own study).
+DEMO_REVIEWER = "demo-reviewer"
+_TERMINAL = {"released", "rejected", "failed", "cancelled"}
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Where the demo wrote its report and what it found."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        """Every run ended released and every release verified."""
+        return bool(self.summary.get("ok"))
+
+
+def notebooks_dir() -> Path:
+    """The demo notebooks: shipped in the wheel, or beside the package in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_notebooks", here.parent / "notebooks"):
+        if (candidate / DEMO_STUDIES[0][0]).is_file():
+            return candidate
+    raise FileNotFoundError("the demo notebooks (notebooks/*.ipynb) are not installed")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_demo(
+    out_dir: Path,
+    policy_path: Path | None = None,
+    echo: Callable[[str], None] = print,
+    seed: int = 0,
+    timeout_s: float = DEMO_TIMEOUT_S,
+) -> DemoResult:
+    """Run the whole network demo; write the report into ``out_dir``; stop everything."""
+    from phds_tre.client import Hub
+    from phds_tre.data.synth import generate
+    from phds_tre.demo.network import LocalNetwork
+
+    started = time.monotonic()
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_root = out_dir / "data"
+    if not data_root.is_dir() or not any(data_root.iterdir()):
+        t0 = time.monotonic()
+        generate(data_root, sites=3, seed=seed)
+        echo(f"== made three synthetic hospitals in {data_root} ({time.monotonic() - t0:.1f} s)")
+    sites = sorted(p.name for p in data_root.iterdir() if p.is_dir())
+    network = LocalNetwork(out_dir / "network", data_root, sites, policy_path=policy_path)
+    echo(f"== starting a hub and {len(sites)} hospital nodes on localhost")
+    with network:
+        echo(f"   hub {network.hub_url}; logs in {network.root / 'logs'}")
+        with Hub(network.hub_url, network.researcher_token) as hub:
+            studies = _submit_studies(hub, network, sites, out_dir, echo)
+            runs = _watch(hub, network, studies, echo, started + timeout_s)
+            results = _collect(hub, network, studies, out_dir, echo)
+    report = _report(out_dir, studies, runs, results, echo)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    echo(f"== wrote {summary_path} and {out_dir / 'report.md'} ({report['seconds']} s)")
+    return DemoResult(out_dir, report)
+
+
+def _submit_studies(
+    hub: Any, network: Any, sites: list[str], out_dir: Path, echo: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Sign and submit each demo study to every hospital; study id per notebook."""
+    from phds_tre.bundle import build_bundle, write_bundle
+    from phds_tre.release.signing import load_private_key
+
+    key = load_private_key(network.researcher_key)
+    bundles = out_dir / "network" / "bundles"
+    bundles.mkdir(parents=True, exist_ok=True)
+    studies: dict[str, dict[str, Any]] = {}
+    for notebook, title in DEMO_STUDIES:
+        fields = {
+            "title": title,
+            "purpose": "phds demo: a federated study on synthetic hospitals",
+            "researcher": network.researcher,
+            "sites": sites,
+            "parameters": {},
+            "site_parameters": {},
+        }
+        bundle = build_bundle(notebooks_dir() / notebook, fields, key)
+        study = hub.submit(write_bundle(bundle, bundles / f"{Path(notebook).stem}.zip"))
+        studies[notebook] = {"id": study["id"], "title": title}
+        echo(f"   submitted {notebook:<32} study {study['id'][:12]}")
+    return studies
+
+
+def _watch(
+    hub: Any,
+    network: Any,
+    studies: dict[str, dict[str, Any]],
+    echo: Callable[[str], None],
+    deadline: float,
+) -> dict[str, list[dict[str, Any]]]:
+    """Show per-site progress until every run has finished; review what is held."""
+    from tqdm import tqdm
+
+    echo("== running at the hospitals (per-site progress: cells done over all studies)")
+    bars = {
+        site: tqdm(total=0, desc=f"{site:<22}", unit="cell", position=i, leave=True)
+        for i, site in enumerate(network.sites)
+    }
+    reviewed: set[str] = set()
+    decisions: list[dict[str, Any]] = []
+    try:
+        while True:
+            network.check_alive()
+            runs = {nb: hub.study(s["id"])["runs"] for nb, s in studies.items()}
+            for site, bar in bars.items():
+                mine = [r for rs in runs.values() for r in rs if r["site"] == site]
+                bar.total = sum(r["cells_total"] or 0 for r in mine)
+                bar.n = sum(r["cells_done"] or 0 for r in mine)
+                states = sorted({r["status"] for r in mine})
+                bar.set_postfix_str(",".join(states), refresh=False)
+                bar.refresh()
+            pending = [r for rs in runs.values() for r in rs if r["status"] not in _TERMINAL]
+            for run in pending:
+                if run["status"] == "awaiting_review" and run["id"] not in reviewed:
+                    reviewed.add(run["id"])
+                    decisions += _review(network, run)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "the demo's runs did not finish in time: "
+                    + ", ".join(f"{r['site']} {r['status']}" for r in pending)
+                )
+            time.sleep(0.2)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for nb in studies:
+        studies[nb]["decisions"] = [d for d in decisions if d["study"] == studies[nb]["id"]]
+    return runs
+
+
+def _review(network: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo reviewer at the run's hospital decides every held output, then releases.
+
+    A reviewer confirms a table whose small cells were suppressed (the policy asks a
+    person to look at suppression) and rejects free text carrying numbers: that is
+    what the demo notebooks are written to show.
+    """
+    from phds_tre.node import review
+
+    work = network.nodes[run["site"]].work_dir
+    made: list[dict[str, Any]] = []
+    for item in review.held_outputs(work, run["id"]):
+        structured = str(item.kind).startswith(("structured", "share"))
+        decision = "approve" if structured and item.status == "review" else "reject"
+        comment = (
+            "suppressed table checked: no suppressed cell can be recomputed"
+            if decision == "approve"
+            else "free text with numbers: publish it through the sdc API instead"
+        )
+        review.decide(work, run["id"], item.output, decision, comment, reviewer=DEMO_REVIEWER)
+        made.append(
+            {
+                "study": run.get("study_id"),
+                "site": run["site"],
+                "output": item.output,
+                "decision": decision,
+                "comment": comment,
+            }
+        )
+    review.release(work, run["id"], reviewer=DEMO_REVIEWER)
+    return made
+
+
+def _collect(
+    hub: Any,
+    network: Any,
+    studies: dict[str, dict[str, Any]],
+    out_dir: Path,
+    echo: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Download and verify every study's releases against the sites' own keys."""
+    from phds_tre.release.signing import load_public_key
+
+    keys = {
+        s: [load_public_key(network.site_key(s).with_suffix(".pem.pub"))] for s in network.sites
+    }
+    collected: dict[str, dict[str, Any]] = {}
+    for notebook, study in studies.items():
+        target = out_dir / "results" / _slug(Path(notebook).stem)
+        collected[notebook] = hub.results(study["id"], target, keys)
+        collected[notebook]["path"] = str(target)
+        verified = sum(1 for e in collected[notebook]["sites"].values() if e["verified"])
+        echo(f"   {notebook:<32} {verified} release(s) downloaded and verified")
+    return collected
+
+
+def _report(
+    out_dir: Path,
+    studies: dict[str, dict[str, Any]],
+    runs: dict[str, list[dict[str, Any]]],
+    results: dict[str, dict[str, Any]],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Combine the shares, draw the figures, write report.md; the summary as a dict."""
+    from phds_tre.demo import report as combine
+
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    combined = {
+        "example.ipynb": combine.combine_mortality_models,
+        "benchmarking.ipynb": combine.combine_benchmarking,
+        "haemophilia_feasibility.ipynb": combine.combine_feasibility,
+    }
+    summary: dict[str, Any] = {"studies": {}, "figures": []}
+    for notebook, study in studies.items():
+        res = results[notebook]
+        entry = {
+            "study_id": study["id"],
+            "title": study["title"],
+            "runs": {r["site"]: r["status"] for r in runs[notebook]},
+            "verified": res["ok"],
+            "complete": res["complete"],
+            "decisions": study.get("decisions", []),
+            "combined": combined[notebook](Path(res["path"]), figures),
+        }
+        summary["studies"][notebook] = entry
+    summary["figures"] = sorted(p.name for p in figures.iterdir())
+    summary["ok"] = all(s["verified"] and s["complete"] for s in summary["studies"].values())
+    _write_markdown(out_dir / "report.md", summary)
+    for notebook, entry in summary["studies"].items():
+        states = ", ".join(f"{k} {v}" for k, v in sorted(entry["runs"].items()))
+        echo(f"   {notebook:<32} {states}")
+    return summary
+
+
+def _write_markdown(path: Path, summary: dict[str, Any]) -> None:
+    lines = ["# phds demo: what the hospitals released", ""]
+    for notebook, entry in summary["studies"].items():
+        lines += [f"## {entry['title']}", "", f"Study `{entry['study_id'][:16]}` ({notebook})", ""]
+        lines += [f"* {site}: {status}" for site, status in sorted(entry["runs"].items())]
+        for d in entry["decisions"]:
+            lines.append(
+                f"* reviewer at {d['site']}: {d['decision']} output {d['output']} — {d['comment']}"
+            )
+        combined = entry["combined"]
+        for site, why in (combined.get("withheld") or {}).items():
+            lines.append(f"* {site} dropped out of the combined result: {why}")
+        if combined.get("figure"):
+            lines += ["", f"![{entry['title']}](figures/{combined['figure']})"]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")

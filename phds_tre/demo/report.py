@@ -1,0 +1,113 @@
+"""Combine what the demo's hospitals released, and draw it: the coordinator's side.
+
+Each function reads the verified releases that ``phds results`` wrote (one
+folder per study, ``<site>/release/shared/<name>.json``), combines them with
+:mod:`phds_tre.federate` and saves a figure. A hospital whose share was withheld
+or suppressed is named in the report, never filled in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["combine_benchmarking", "combine_feasibility", "combine_mortality_models"]
+
+
+def _cell(payload: dict[str, Any], row: str, column: str | None = None) -> float | None:
+    """One released cell of a structured payload's table (None when suppressed or absent)."""
+    table = payload.get("table") or {}
+    index = [str(i) for i in table.get("index", [])]
+    columns = [str(c) for c in table.get("columns", [])]
+    if row not in index:
+        return None
+    j = 0 if column is None else columns.index(column) if column in columns else -1
+    if j < 0:
+        return None
+    value = table["data"][index.index(row)][j]
+    return None if value is None else float(value)
+
+
+def _save(figure: Any, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path.name
+
+
+def combine_benchmarking(results_dir: Path, figures: Path) -> dict[str, Any]:
+    """Sepsis mortality per hospital on a funnel plot (hospitals with both counts released)."""
+    from phds_tre import federate
+
+    shares = federate.load_shares(results_dir, "sepsis_outcome")
+    events: list[int] = []
+    totals: list[int] = []
+    labels: list[str] = []
+    withheld: dict[str, str] = {}
+    for site, payload in sorted(shares.items()):
+        died, survived = _cell(payload, "died"), _cell(payload, "survived")
+        if died is None or survived is None:
+            withheld[site] = "a count was suppressed (fewer than the threshold)"
+            continue
+        events.append(int(died))
+        totals.append(int(died + survived))
+        labels.append(site)
+    out: dict[str, Any] = {"hospitals": labels, "withheld": withheld, "figure": None}
+    if len(labels) >= 2:
+        funnel = federate.funnel_plot(events, totals, labels)
+        out["figure"] = _save(funnel.figure, figures / "benchmarking_funnel.png")
+        out["table"] = json.loads(funnel.table.to_json(orient="records"))
+    else:
+        out["note"] = "fewer than two hospitals released both counts: no funnel plot"
+    return out
+
+
+def combine_feasibility(results_dir: Path, figures: Path) -> dict[str, Any]:
+    """Haemophilia counts by age band and type, pooled as intervals."""
+    from phds_tre import federate
+
+    shares = federate.load_shares(results_dir, "haemophilia_by_age")
+    if not shares:
+        return {"hospitals": [], "note": "no hospital released its table"}
+    pooled = federate.pool_counts(shares)
+    frame = pooled.to_frame()
+    (figures / "haemophilia_pooled.csv").parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(figures / "haemophilia_pooled.csv")
+    return {
+        "hospitals": sorted(shares),
+        "pooled": json.loads(frame.astype(str).to_json(orient="split")),
+        "table": "haemophilia_pooled.csv",
+    }
+
+
+def combine_mortality_models(results_dir: Path, figures: Path) -> dict[str, Any]:
+    """The lactate coefficient of each hospital's logistic model, random-effects pooled."""
+    from phds_tre import federate
+
+    shares = federate.load_shares(results_dir, "mortality_model")
+    effects: list[float] = []
+    variances: list[float] = []
+    labels: list[str] = []
+    withheld: dict[str, str] = {}
+    for site, payload in sorted(shares.items()):
+        coef, se = _cell(payload, "lactate", "coef"), _cell(payload, "lactate", "std_err")
+        if coef is None or se is None or payload.get("status") != "pass":
+            withheld[site] = "the model was not released"
+            continue
+        effects.append(coef)
+        variances.append(se * se)
+        labels.append(site)
+    out: dict[str, Any] = {"hospitals": labels, "withheld": withheld, "figure": None}
+    if len(labels) >= 2:
+        ma = federate.meta_analysis(effects, variances, method="reml", labels=labels)
+        out["lactate_log_odds_per_mmol"] = {
+            "estimate": ma.estimate,
+            "ci": list(ma.ci),
+            "tau2": ma.tau2,
+            "i2": ma.i2,
+        }
+        out["figure"] = _save(ma.forest_plot(), figures / "mortality_lactate_forest.png")
+    return out
