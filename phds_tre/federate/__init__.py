@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     # design.py: the coordinator's fixed design (formula, levels and their order)
     "Design": "design",
     "design_matrices": "design",
+    "DesignError": "design",
     # linear.py: federated OLS from sufficient statistics
     "LinearStats": "linear",
     "linear_stats": "linear",
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "GLMRound": "glm",
     "glm_round": "glm",
     "GLMResult": "glm",
+    "ConvergenceError": "glm",
     # network.py: rounds through the hub
     "run_glm": "network",
     # meta.py: meta-analysis of per-site estimates
@@ -49,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "funnel_plot": "plots",
     # shares.py: reading shares out of released results
     "load_shares": "shares",
+    "ShareError": "shares",
 }
 
 __all__ = sorted(_EXPORTS)

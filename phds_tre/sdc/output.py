@@ -254,6 +254,14 @@ def recheck(payload: Any, policy: Policy) -> Recheck:
         )
     kind = payload.get("kind")
     builder = _KINDS.get(kind) if isinstance(kind, str) else None
+    if builder is None and isinstance(kind, str) and kind.startswith("federate."):
+        # The federated regression's shares register when their modules load (lazily:
+        # they need scipy and the formula engine, which sdc alone does not).
+        from importlib import import_module
+
+        for module in ("phds_tre.federate.linear", "phds_tre.federate.glm"):
+            import_module(module)
+        builder = _KINDS.get(kind)
     if builder is None:
         return Recheck("fail", [f"unknown structured output kind {kind!r}"])
     try:
