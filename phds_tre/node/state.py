@@ -1,11 +1,17 @@
 """The node's local record of the runs it has claimed (``work_dir/node.sqlite``).
 
-Stdlib :mod:`sqlite3` rather than SQLAlchemy: one small table, one process writing
-it (plus the occasional ``phds node approve``), and every change is a compare-and-set
-in its own ``BEGIN IMMEDIATE`` transaction — the same approach as
-:class:`phds_tre.audit.AuditLog`, with no ORM session or engine to manage. A crash at
-any point leaves each run in exactly one status, from which :class:`NodeAgent
-<phds_tre.node.agent.NodeAgent>` resumes.
+Stdlib :mod:`sqlite3` rather than SQLAlchemy: a few small tables, one agent writing
+them (plus ``phds site …`` / ``phds review …`` and the local review API), and every
+change is a compare-and-set in its own ``BEGIN IMMEDIATE`` transaction — the same
+approach as :class:`phds_tre.audit.AuditLog`, with no ORM session or engine to
+manage. A crash at any point leaves each run in exactly one status, from which
+:class:`NodeAgent <phds_tre.node.agent.NodeAgent>` resumes.
+
+Tables: ``runs`` (one row per claimed run), ``reviews`` (a run held for review: the
+study's author, who released it), ``decisions`` (the current reviewer decision per
+output, ``cell:output``; every change is also in the audit log) and
+``reviewer_tokens`` (the local review API's bearer tokens, sha256 only). The schema
+version is SQLite's ``user_version``; older files are migrated forward when opened.
 
 Local statuses (the hub has its own lifecycle; these say what the *node* still owes):
 
@@ -13,9 +19,10 @@ Local statuses (the hub has its own lifecycle; these say what the *node* still o
 ``running``            a :class:`~phds_tre.run.SiteRun` is (or was, before a crash) running
 ``awaiting_approval``  the code gate wants the site admin's approval
 ``approved``           the site admin approved it; the agent re-runs it with ``approved=True``
+``awaiting_review``    outputs are held for the site's reviewer; nothing was uploaded
+``reviewed``           a reviewer released it; building and signing the release is owed
 ``releasing``          the signed release is built; uploading it is still owed
-``awaiting_review``    release uploaded (held outputs as placeholders); outputs held locally
-``uploaded``           release uploaded, nothing held
+``uploaded``           release uploaded
 ``failed``/``rejected`` finished without a release (``reported`` says whether the hub knows)
 """
 
@@ -30,15 +37,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVE", "STATUSES", "TERMINAL", "LocalRun", "NodeState", "StateError"]
+__all__ = [
+    "ACTIVE",
+    "STATUSES",
+    "TERMINAL",
+    "LocalRun",
+    "NodeState",
+    "ReviewRecord",
+    "StateError",
+    "StoredDecision",
+]
 
 STATUSES: tuple[str, ...] = (
     "claimed",
     "running",
     "awaiting_approval",
     "approved",
-    "releasing",
     "awaiting_review",
+    "reviewed",
+    "releasing",
     "uploaded",
     "failed",
     "rejected",
@@ -46,16 +63,20 @@ STATUSES: tuple[str, ...] = (
 #: Statuses of a run that was interrupted if found at start-up.
 ACTIVE: frozenset[str] = frozenset({"claimed", "running"})
 #: Statuses after which the node owes nothing more (once ``reported``).
-TERMINAL: frozenset[str] = frozenset({"awaiting_review", "uploaded", "failed", "rejected"})
+TERMINAL: frozenset[str] = frozenset({"uploaded", "failed", "rejected"})
 
 #: Which local moves are allowed (``running`` → ``running`` is a re-run after a crash).
 TRANSITIONS: dict[str, frozenset[str]] = {
     "claimed": frozenset({"running", "failed", "rejected"}),
-    "running": frozenset({"running", "awaiting_approval", "releasing", "failed", "rejected"}),
+    "running": frozenset(
+        {"running", "awaiting_approval", "awaiting_review", "releasing", "failed", "rejected"}
+    ),
     "awaiting_approval": frozenset({"approved", "rejected", "failed"}),
     "approved": frozenset({"running", "failed"}),
+    "awaiting_review": frozenset({"reviewed", "failed"}),
+    "reviewed": frozenset({"releasing", "failed"}),
+    # → awaiting_review: a run built before the review queue existed, found unuploaded.
     "releasing": frozenset({"uploaded", "awaiting_review", "failed"}),
-    "awaiting_review": frozenset(),
     "uploaded": frozenset(),
     "failed": frozenset(),
     "rejected": frozenset(),
@@ -77,6 +98,48 @@ CREATE TABLE IF NOT EXISTS runs (
     uploaded_at TEXT
 )
 """
+
+#: The schema version this code writes (SQLite ``user_version``); 0 is the original file.
+SCHEMA_VERSION = 1
+
+_REVIEW_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS reviews (
+        run_id TEXT PRIMARY KEY REFERENCES runs (run_id),
+        researcher TEXT NOT NULL,
+        opened_at TEXT NOT NULL,
+        released_by TEXT,
+        released_at TEXT,
+        release_comment TEXT NOT NULL DEFAULT ''
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS decisions (
+        run_id TEXT NOT NULL REFERENCES reviews (run_id),
+        output TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        reviewer TEXT NOT NULL,
+        decided_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, output)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS reviewer_tokens (
+        token_id TEXT PRIMARY KEY,
+        reviewer TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    )
+    """,
+)
+
+#: What version 0 → 1 says about a run that uploaded placeholders before the review queue.
+_LEGACY_DETAIL = (
+    "release uploaded before the review queue existed: held outputs were sent as "
+    "placeholders and stay at the site"
+)
 
 
 class StateError(ValueError):
@@ -128,6 +191,92 @@ def _row(row: tuple[Any, ...]) -> LocalRun:
     )
 
 
+def _get(db: sqlite3.Connection, run_id: str) -> LocalRun:
+    row = db.execute(f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise StateError(f"no local run {run_id}")
+    return _row(row)
+
+
+def _move(
+    db: sqlite3.Connection,
+    run_id: str,
+    to: str,
+    *,
+    expect: Iterable[str] | None = None,
+    detail: str | None = None,
+    attempt: bool = False,
+    reset_attempts: bool = False,
+    reported: bool | None = None,
+    release_sha256: str | None = None,
+    uploaded: bool = False,
+) -> LocalRun:
+    """:meth:`NodeState.move` inside a transaction the caller holds."""
+    if to not in STATUSES:
+        raise StateError(f"unknown local status {to!r}")
+    current = _get(db, run_id)
+    allowed = TRANSITIONS[current.status]
+    if to not in allowed or (expect is not None and current.status not in set(expect)):
+        raise StateError(f"run {run_id} is {current.status}, it cannot become {to}")
+    now = _now()
+    sets = ["status = ?", "updated_at = ?"]
+    values: list[Any] = [to, now]
+    if detail is not None:
+        sets.append("detail = ?")
+        values.append(detail[:2000])
+    if attempt:
+        sets.append("attempts = attempts + 1")
+    if reset_attempts:
+        sets.append("attempts = 0")
+    if reported is not None:
+        sets.append("reported = ?")
+        values.append(int(reported))
+    if release_sha256 is not None:
+        sets.append("release_sha256 = ?")
+        values.append(release_sha256)
+    if uploaded:
+        sets.append("uploaded_at = ?")
+        values.append(now)
+    db.execute(
+        f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ? AND status = ?",
+        (*values, run_id, current.status),
+    )
+    return _get(db, run_id)
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    """A run held for review: the study's author and, once released, who released it."""
+
+    run_id: str
+    researcher: str
+    opened_at: str
+    released_by: str | None
+    released_at: str | None
+    release_comment: str
+
+
+@dataclass(frozen=True)
+class StoredDecision:
+    """A reviewer's current decision on one output (``output`` is ``cell:output``)."""
+
+    output: str
+    decision: str
+    comment: str
+    reviewer: str
+    decided_at: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready (API answers, the release manifest)."""
+        return {
+            "output": self.output,
+            "decision": self.decision,
+            "comment": self.comment,
+            "reviewer": self.reviewer,
+            "decided_at": self.decided_at,
+        }
+
+
 class NodeState:
     """The node's SQLite run table; every change is one transaction."""
 
@@ -137,6 +286,27 @@ class NodeState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._tx() as db:
             db.execute(_SCHEMA)
+            self._migrate(db)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring an older file forward (inside the opening transaction; nothing is dropped)."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"node state schema {version} is newer than this phds_tre ({SCHEMA_VERSION})"
+            )
+        for statement in _REVIEW_SCHEMA:
+            db.execute(statement)
+        if version < 1:
+            # Version 0 uploaded a release with placeholders and parked the run in
+            # ``awaiting_review`` for good; the hub has that release, so it is done here.
+            db.execute(
+                "UPDATE runs SET status = 'uploaded', detail = ? "
+                "WHERE status = 'awaiting_review' AND uploaded_at IS NOT NULL",
+                (_LEGACY_DETAIL,),
+            )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -211,43 +381,19 @@ class NodeState:
         execution attempt. Raises :class:`StateError` for an unknown run or a move the
         lifecycle (or ``expect``) does not allow.
         """
-        if to not in STATUSES:
-            raise StateError(f"unknown local status {to!r}")
         with self._tx() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise StateError(f"no local run {run_id}")
-            current = _row(row)
-            allowed = TRANSITIONS[current.status]
-            if to not in allowed or (expect is not None and current.status not in set(expect)):
-                raise StateError(f"run {run_id} is {current.status}, it cannot become {to}")
-            now = _now()
-            sets = ["status = ?", "updated_at = ?"]
-            values: list[Any] = [to, now]
-            if detail is not None:
-                sets.append("detail = ?")
-                values.append(detail[:2000])
-            if attempt:
-                sets.append("attempts = attempts + 1")
-            if reset_attempts:
-                sets.append("attempts = 0")
-            if reported is not None:
-                sets.append("reported = ?")
-                values.append(int(reported))
-            if release_sha256 is not None:
-                sets.append("release_sha256 = ?")
-                values.append(release_sha256)
-            if uploaded:
-                sets.append("uploaded_at = ?")
-                values.append(now)
-            db.execute(
-                f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ? AND status = ?",
-                (*values, run_id, current.status),
+            return _move(
+                db,
+                run_id,
+                to,
+                expect=expect,
+                detail=detail,
+                attempt=attempt,
+                reset_attempts=reset_attempts,
+                reported=reported,
+                release_sha256=release_sha256,
+                uploaded=uploaded,
             )
-            updated = db.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-        return _row(updated)
 
     def mark_reported(self, run_id: str, detail: str | None = None) -> None:
         """The hub knows this run's current status."""
@@ -260,5 +406,105 @@ class NodeState:
                 )
 
     def unreported(self) -> list[LocalRun]:
-        """Runs whose status the hub still has to be told (rejected, failed, awaiting approval)."""
-        return [r for r in self.runs(("failed", "rejected", "awaiting_approval")) if not r.reported]
+        """Runs whose status the hub still has to be told (rejected, failed, awaiting a person)."""
+        waiting = ("failed", "rejected", "awaiting_approval", "awaiting_review")
+        return [r for r in self.runs(waiting) if not r.reported]
+
+    # -- the review queue ------------------------------------------------------------
+    def hold_for_review(self, run_id: str, researcher: str, detail: str) -> LocalRun:
+        """``running`` → ``awaiting_review`` and open its review (one transaction)."""
+        with self._tx() as db:
+            run = _move(db, run_id, "awaiting_review", detail=detail, reported=False)
+            db.execute(
+                "INSERT OR IGNORE INTO reviews (run_id, researcher, opened_at) VALUES (?, ?, ?)",
+                (run_id, researcher, _now()),
+            )
+        return run
+
+    def review(self, run_id: str) -> ReviewRecord | None:
+        """The review of ``run_id``, or None when it was never held for review."""
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT run_id, researcher, opened_at, released_by, released_at, "
+                "release_comment FROM reviews WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+        return ReviewRecord(*row) if row else None
+
+    def decisions(self, run_id: str) -> dict[str, StoredDecision]:
+        """The current decision per output key of ``run_id``."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT output, decision, comment, reviewer, decided_at FROM decisions "
+                "WHERE run_id = ? ORDER BY decided_at",
+                (run_id,),
+            ).fetchall()
+        return {row[0]: StoredDecision(*row) for row in rows}
+
+    def decide(
+        self, run_id: str, output: str, decision: str, comment: str, reviewer: str
+    ) -> StoredDecision:
+        """Record (or change) the decision on one output while the run awaits review."""
+        with self._tx() as db:
+            run = _get(db, run_id)
+            if run.status != "awaiting_review":
+                raise StateError(f"run {run_id} is {run.status}: decisions are closed")
+            stored = StoredDecision(output, decision, comment, reviewer, _now())
+            db.execute(
+                "INSERT OR REPLACE INTO decisions (run_id, output, decision, comment, reviewer, "
+                "decided_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, output, decision, comment, reviewer, stored.decided_at),
+            )
+        return stored
+
+    def release_review(
+        self, run_id: str, reviewer: str, comment: str, required: Iterable[str]
+    ) -> LocalRun:
+        """``awaiting_review`` → ``reviewed`` once every ``required`` output is decided."""
+        with self._tx() as db:
+            decided = {
+                row[0]
+                for row in db.execute("SELECT output FROM decisions WHERE run_id = ?", (run_id,))
+            }
+            missing = [key for key in required if key not in decided]
+            if missing:
+                raise StateError(f"undecided output(s): {', '.join(missing)}")
+            run = _move(
+                db, run_id, "reviewed", expect={"awaiting_review"}, detail=f"released by {reviewer}"
+            )
+            db.execute(
+                "UPDATE reviews SET released_by = ?, released_at = ?, release_comment = ? "
+                "WHERE run_id = ?",
+                (reviewer, _now(), comment, run_id),
+            )
+        return run
+
+    # -- reviewer tokens (the local review API) --------------------------------------
+    def add_reviewer_token(self, token_id: str, reviewer: str, secret_sha256: str) -> None:
+        """Store a new reviewer token (its secret's sha256 only)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO reviewer_tokens (token_id, reviewer, secret_sha256, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (token_id, reviewer, secret_sha256, _now()),
+            )
+
+    def reviewer_token(self, token_id: str) -> tuple[str, str] | None:
+        """(reviewer, secret sha256) of a live token, or None (unknown or revoked)."""
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT reviewer, secret_sha256 FROM reviewer_tokens "
+                "WHERE token_id = ? AND revoked_at IS NULL",
+                (token_id,),
+            ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def revoke_reviewer_token(self, token_id: str) -> bool:
+        """Revoke a token; False when there is no live token with that id."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE reviewer_tokens SET revoked_at = ? "
+                "WHERE token_id = ? AND revoked_at IS NULL",
+                (_now(), token_id),
+            )
+        return cursor.rowcount == 1
