@@ -240,7 +240,7 @@ def test_decisions_change_states(nb: NotebookNode, report: NotebookReport) -> No
         (ERROR, 0): "approve",
         (STREAM, 0): "reject",
         (SAFE, 0): "redact",
-        (FORGED, 0): "approve",  # an approval cannot release a failed output
+        (FORGED, 0): "approve",  # an approval cannot release a tampered output
     }
     release = _release(nb, report, decisions=decisions)
     states = _states(release)
@@ -248,7 +248,7 @@ def test_decisions_change_states(nb: NotebookNode, report: NotebookReport) -> No
     assert (states[STREAM], states[SAFE], states[FORGED]) == ("withheld",) * 3
     assert release.item(STREAM, 0).reason == "rejected by the site's reviewer"
     assert release.item(SAFE, 0).reason == "redacted by the reviewer"
-    assert "does not release an output that failed" in release.item(FORGED, 0).reason
+    assert "did not match the site's re-check" in release.item(FORGED, 0).reason
     assert release.item(IMAGE, 0).decision == "approve"
 
     suppressed = release.output(SUPPRESSED, 0).data[MIME]
@@ -388,3 +388,28 @@ def test_bad_decisions(nb: NotebookNode, report: NotebookReport) -> None:
     )
     with pytest.raises(ReleaseError, match="does not have"):
         build_release(new_notebook(), other, POLICY)
+
+
+def test_a_reviewer_can_release_a_rule_failure_as_an_exception() -> None:
+    """A model with too few residual degrees of freedom fails; an approval with a reason releases it."""
+    df = pd.DataFrame({"y": [0, 1, 0, 1, 1, 0, 1, 0], "x": [float(i) for i in range(8)]})
+    failing = _bundle(sdc.ols("x ~ y", df))
+    assert failing[MIME]["status"] == "fail"
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell("# small model"),
+            new_code_cell(
+                "sdc.ols('x ~ y', df)",
+                execution_count=1,
+                outputs=[new_output("execute_result", data=failing, execution_count=1)],
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+    )
+    report = check_notebook(nb, POLICY.disclosure)
+    assert _release(nb, report).item(1, 0).state == "withheld"
+    release = _release(nb, report, decisions={(1, 0): "approve"})
+    item = release.item(1, 0)
+    assert (item.state, item.verdict, item.decision) == ("released", "fail", "approve")
+    assert "exception" in item.reason
+    assert release.output(1, 0).data[MIME]["status"] == "fail"  # released as it was checked

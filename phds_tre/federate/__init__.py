@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     # plots.py: forest and funnel plots
     "forest_plot": "plots",
     "funnel_plot": "plots",
+    "ForestFigure": "plots",
+    "FunnelPlot": "plots",
     # shares.py: reading shares out of released results
     "load_shares": "shares",
     "ShareError": "shares",

@@ -102,8 +102,12 @@ _REASONS = {
     ),
     "fail": "withheld: it failed the site's disclosure checks",
     "fail_approved": (
-        "withheld: it failed the site's disclosure checks (a reviewer's approval "
-        "does not release an output that failed)"
+        "released as an exception: it failed a disclosure rule and the site's reviewer "
+        "approved it with a stated reason"
+    ),
+    "tampered": (
+        "withheld: the kernel's structured output did not match the site's re-check "
+        "(a reviewer cannot release it)"
     ),
     "rejected": "rejected by the site's reviewer",
     "redacted": "redacted by the reviewer",
@@ -347,11 +351,16 @@ class _Builder:
             return item("withheld", _REASONS["rejected"], status)
         if decision == "redact":
             return item("withheld", _REASONS["redacted"], status)
-        if status == "fail":
-            return item(
-                "withheld", _REASONS["fail_approved" if decision == "approve" else "fail"], status
-            )
         approved = decision == "approve"
+        # A reviewer may release a failed output as an exception (SDC practice: a rule
+        # can be too strict for one output; the comment says why). What the site cannot
+        # rebuild or re-check, and any identifier of the site's data, stays withheld.
+        if status == "fail" and not approved:
+            return item("withheld", _REASONS["fail"], status)
+        if status == "fail" and recheck is not None and (recheck.output is None or recheck.notes):
+            # The kernel's payload disagreed with the site's re-check (or could not be
+            # re-checked): a sign of tampering, never an exception a reviewer can grant.
+            return item("withheld", _REASONS["tampered"], status)
         if not approved and status not in self.policy.release.auto_release:
             return item("held", _REASONS["review" if status == "review" else "review_all"], status)
 
@@ -365,7 +374,7 @@ class _Builder:
                 reason = f"withheld: a value from the site's data was found ({columns})"
                 return item("withheld", reason, "fail")
         if approved:
-            reason = _REASONS["approved"]
+            reason = _REASONS["fail_approved" if status == "fail" else "approved"]
         elif output_type == "error":
             reason = _REASONS["error_name"]
         else:
