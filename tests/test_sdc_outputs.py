@@ -247,3 +247,20 @@ def test_html_shows_a_badge_for_each_status() -> None:
     assert "PASS" in passing._repr_html_()
     held = sdc.crosstab(df.ward, df.sex)
     assert "REVIEW" in held._repr_html_()
+
+
+def test_a_suppressed_zero_is_not_told_apart_from_a_small_count() -> None:
+    """Naming the zeros rule beside a hidden cell would publish that it is exactly 0."""
+    rows = [("F", "a")] * 15 + [("F", "b")] * 3 + [("M", "a")] * 20 + [("M", "b")] * 25
+    rows += [("X", "a")] * 12  # X, b is an empty cell: zero
+    df = pd.DataFrame(rows, columns=["sex", "band"])
+    out = sdc.crosstab(df.sex, df.band, margins=True)
+    assert set(out.checks.query("status == 'fail'").rule) == {"threshold", "zeros"}  # at the site
+    payload = out.release_payload()
+    hidden = {(c["row"], c["column"]): c for c in payload["checks"]["not_pass"]}
+    assert hidden[("F", "b")] == hidden[("X", "b")] | {"row": "F", "column": "b"}
+    assert {c["rule"] for c in hidden.values()} == {"threshold"}
+    assert "zeros" not in payload["checks"]["summary"]
+    assert payload["checks"]["summary"]["threshold"]["fail"] == 2
+    text = " ".join(payload["reasons"]) + repr(out) + out._repr_html_()
+    assert "zeros" not in text and "2 cell(s) suppressed by the threshold rule" in text

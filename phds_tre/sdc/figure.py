@@ -886,8 +886,11 @@ _CHECKS: dict[str, tuple[str, str, str]] = {
 _SUPPRESSING = frozenset({"threshold", "bar_threshold", "zeros"})
 #: Reasons, in this order, each prefixed by how many checks of its keys there were.
 _REASONS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("threshold", "bar_threshold"), "bar(s) suppressed by the threshold rule (hatched bands)"),
-    (("zeros",), "empty bin(s) suppressed by the zeros rule (hatched bands)"),
+    # Empty bins count with the threshold: naming the zeros rule would say a hidden bar is 0.
+    (
+        ("threshold", "bar_threshold", "zeros"),
+        "bar(s) suppressed by the threshold rule (hatched bands)",
+    ),
     (("secondary", "hist_secondary"), "axes where a suppressed bar could be recovered"),
     (("scatter", "markers"), "scatter(s) of individual points: row-level data is never released"),
     (("hist_range",), "histogram(s) whose outer bin edges are the smallest and largest values"),

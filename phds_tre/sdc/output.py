@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -31,6 +31,8 @@ __all__ = [
     "EvidenceError",
     "Recheck",
     "SDCOutput",
+    "public_rule",
+    "public_rule_counts",
     "recheck",
     "register_kind",
 ]
@@ -74,6 +76,30 @@ class Evaluated(Protocol):
 EvaluationT = TypeVar("EvaluationT", bound=Evaluated)
 
 
+def public_rule(rule: str, status: str) -> str:
+    """The rule name published for a check: a failed ``zeros`` check is published as ``threshold``.
+
+    A zero cell also fails the threshold (0 < ``min_count``). Naming the zeros rule
+    beside a suppressed cell would tell the reader that the hidden count is exactly 0
+    (the class disclosure the rule exists to prevent), and naming only ``threshold``
+    beside the others that it is not.
+    """
+    return "threshold" if rule == "zeros" and status == "fail" else rule
+
+
+def public_rule_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """Per-rule counts of suppressed cells with ``zeros`` merged into ``threshold``."""
+    merged: dict[str, int] = {}
+    for rule, count in counts.items():
+        name = public_rule(rule, "fail")
+        merged[name] = merged.get(name, 0) + int(count)
+    return merged
+
+
+def _threshold_detail(policy: Policy) -> str:
+    return f"fewer than {policy.min_count} contributors (minimum cell count)"
+
+
 class SDCOutput(ABC, Generic[EvaluationT]):
     """Base of every checked output (tables, summaries, models, survival).
 
@@ -115,13 +141,15 @@ class SDCOutput(ABC, Generic[EvaluationT]):
         """The private statistics the rules need (stays at the site)."""
 
     def summary_of_checks(self) -> dict[str, dict[str, int]]:
-        """Counts of checks by rule and status."""
+        """Counts of checks by rule and status (a failed zeros check counts as a threshold one)."""
         checks = self.checks
         out: dict[str, dict[str, int]] = {}
         if len(checks):
             counts = checks.groupby(["rule", "status"], sort=True).size()
             for (rule, status), count in counts.items():
-                out.setdefault(str(rule), {})[str(status)] = int(count)
+                name = public_rule(str(rule), str(status))
+                by_status = out.setdefault(name, {})
+                by_status[str(status)] = by_status.get(str(status), 0) + int(count)
         return out
 
     def to_payload(self) -> dict[str, Any]:
@@ -144,9 +172,13 @@ class SDCOutput(ABC, Generic[EvaluationT]):
                     {
                         "row": _json_label(r.row),
                         "column": _json_label(r.column),
-                        "rule": r.rule,
+                        "rule": public_rule(r.rule, r.status),
                         "status": r.status,
-                        "detail": r.detail,
+                        "detail": (
+                            r.detail
+                            if public_rule(r.rule, r.status) == r.rule
+                            else _threshold_detail(self.policy)
+                        ),
                     }
                     for r in not_pass.itertuples(index=False)
                 ],

@@ -18,7 +18,13 @@ import pandas as pd
 
 from phds_tre.sdc.cells import Label, MeasureStats
 from phds_tre.sdc.jsonio import array_from_json, array_to_json, label_to_json, labels_from_json
-from phds_tre.sdc.output import CHECK_COLUMNS, EvidenceError, SDCOutput, register_kind
+from phds_tre.sdc.output import (
+    CHECK_COLUMNS,
+    EvidenceError,
+    SDCOutput,
+    public_rule_counts,
+    register_kind,
+)
 from phds_tre.sdc.policy import Policy
 from phds_tre.sdc.rounding import round_counts
 from phds_tre.sdc.rules import FAIL, PASS, REVIEW, STATUS_NAMES, RuleResult, evaluate_cells
@@ -363,7 +369,7 @@ def evaluate(ev: TableEvidence, policy: Policy) -> Evaluation:
         else pd.DataFrame({c_: pd.Series(dtype=object) for c_ in CHECK_COLUMNS})
     )
     reasons: list[str] = []
-    for rule, count in sorted(primary_rules.items()):
+    for rule, count in sorted(public_rule_counts(primary_rules).items()):
         reasons.append(f"{count} cell(s) suppressed by the {rule} rule")
     if n_secondary:
         reasons.append(
