@@ -264,3 +264,27 @@ def test_a_suppressed_zero_is_not_told_apart_from_a_small_count() -> None:
     assert payload["checks"]["summary"]["threshold"]["fail"] == 2
     text = " ".join(payload["reasons"]) + repr(out) + out._repr_html_()
     assert "zeros" not in text and "2 cell(s) suppressed by the threshold rule" in text
+
+
+def test_a_declared_empty_category_is_a_suppressed_row_not_a_missing_one() -> None:
+    """A missing row would publish a zero count without the zeros rule seeing it."""
+    bands = ["0-1", "2-5", "6-11", "12-17"]
+    band = pd.Series(pd.Categorical(["2-5"] * 12 + ["6-11"] * 15, categories=bands), name="band")
+    kind = pd.Series(["A"] * 27, name="kind")
+    table = sdc.crosstab(band, kind).table
+    assert list(table.index) == bands
+    assert table.loc["0-1"].isna().all() and table.loc["12-17"].isna().all()
+    counts = sdc.value_counts(band).table
+    assert set(counts.index) == set(bands) and np.isnan(counts["0-1"])
+    means = sdc.pivot_table(
+        pd.DataFrame({"band": band, "v": np.arange(27.0)}), values="v", index="band"
+    ).table
+    assert list(means.index) == bands and means.loc["0-1"].isna().all()
+
+
+def test_a_one_child_group_is_shown_suppressed_not_dropped() -> None:
+    """pandas drops the all-NaN std of a one-child group; that absence would say n = 1."""
+    df = pd.DataFrame({"band": ["a"] * 20 + ["b"], "v": np.arange(21.0)})
+    assert list(df.pivot_table(values="v", index="band", aggfunc="std").index) == ["a"]
+    table = sdc.pivot_table(df, values="v", index="band", aggfunc="std").table
+    assert list(table.index) == ["a", "b"] and np.isnan(table.loc["b"]).all()

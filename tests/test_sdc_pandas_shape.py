@@ -29,11 +29,23 @@ def _assert_same(
     theirs: pd.DataFrame | pd.Series,
     suppressed: pd.DataFrame | None = None,
 ) -> None:
-    """Same labels; same values wherever ours is published (``suppressed`` False)."""
-    if isinstance(theirs, pd.DataFrame) and set(ours.index) == set(theirs.index):
+    """Same labels; same values wherever ours is published (``suppressed`` False).
+
+    pandas (dropna=True) leaves out rows and columns whose statistics are all NaN,
+    such as the std of one-child groups; ours shows them, suppressed, so that a
+    missing row cannot say its group has one child or none. Those are the only
+    labels ours may add.
+    """
+    if isinstance(theirs, pd.DataFrame) and isinstance(ours, pd.DataFrame):
+        assert set(theirs.index) <= set(ours.index)
+        assert set(theirs.columns) <= set(ours.columns)
+        for row in set(ours.index) - set(theirs.index):
+            assert ours.loc[[row]].isna().all().all(), row
+        for column in set(ours.columns) - set(theirs.columns):
+            assert ours[[column]].isna().all().all(), column
         # pandas concatenates one piece per aggfunc without sorting, so a group
         # missing from the first piece moves to the end; ours stays sorted.
-        theirs = theirs.reindex(index=ours.index)
+        theirs = theirs.reindex(index=ours.index, columns=ours.columns)
     if suppressed is not None:
         assert suppressed.shape == theirs.shape
         theirs = theirs.astype(float).mask(suppressed.to_numpy(dtype=bool))

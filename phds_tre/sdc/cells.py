@@ -63,12 +63,25 @@ def _python_scalar(value: object) -> object:
     return value
 
 
+def _categories(key: pd.Series | np.ndarray) -> pd.CategoricalDtype | None:
+    dtype = getattr(key, "dtype", None)
+    return dtype if isinstance(dtype, pd.CategoricalDtype) else None
+
+
 def _axis(
     keys: Sequence[pd.Series | np.ndarray], n: int
 ) -> tuple[np.ndarray, list[Label], np.ndarray]:
-    """Codes of the observed key combinations of one axis, sorted lexicographically."""
+    """Codes of the observed key combinations of one axis, sorted lexicographically.
+
+    A single categorical key is the exception: every category is a label, in the
+    categories' order, observed or not (see :func:`group_rows`).
+    """
     if not keys:
         return np.zeros(n, dtype=np.int64), [()], np.ones(n, dtype=bool)
+    dtype = _categories(keys[0]) if len(keys) == 1 else None
+    if dtype is not None:
+        codes = np.asarray(pd.Categorical(keys[0], dtype=dtype).codes, dtype=np.int64)
+        return codes, [(_python_scalar(c),) for c in dtype.categories], codes >= 0
     level_codes = []
     level_uniques = []
     valid = np.ones(n, dtype=bool)
@@ -124,7 +137,13 @@ def group_rows(
     index_names: Sequence[str | None] | None = None,
     column_names: Sequence[str | None] | None = None,
 ) -> Grouping:
-    """Assign each of ``n`` data rows to a (row, column) cell of the table."""
+    """Assign each of ``n`` data rows to a (row, column) cell of the table.
+
+    Labels are the observed values, as in pandas — except for an axis keyed by one
+    categorical, where every category is a row (or column) even when no child has
+    it. The researcher declared those categories; leaving an empty one out would
+    publish that its count is zero without the zeros rule ever seeing the cell.
+    """
     row_codes, row_labels, row_valid = _axis(index_keys, n)
     col_codes, col_labels, col_valid = _axis(column_keys, n)
     valid = row_valid & col_valid
@@ -133,9 +152,12 @@ def group_rows(
         keep = valid
         row_codes = row_codes[valid]
         col_codes = col_codes[valid]
-        # Labels observed only in dropped rows must disappear, as in pandas.
-        row_codes, row_labels = _compact(row_codes, row_labels)
-        col_codes, col_labels = _compact(col_codes, col_labels)
+        # Labels observed only in dropped rows must disappear, as in pandas (declared
+        # categories stay).
+        if not (len(index_keys) == 1 and _categories(index_keys[0]) is not None):
+            row_codes, row_labels = _compact(row_codes, row_labels)
+        if not (len(column_keys) == 1 and _categories(column_keys[0]) is not None):
+            col_codes, col_labels = _compact(col_codes, col_labels)
     rn = list(index_names) if index_names is not None else [_name(k, None) for k in index_keys]
     cn = list(column_names) if column_names is not None else [_name(k, None) for k in column_keys]
     return Grouping(row_codes, col_codes, row_labels, col_labels, rn, cn, keep)

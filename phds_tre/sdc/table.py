@@ -571,28 +571,21 @@ class TableOutput(SDCOutput[Evaluation]):
             )
         if ev.layout == "describe":
             return _describe_frame(ev, arrays, masks)
-        # pandas' dropna=True: rows and columns whose raw statistics are all NaN
-        # (e.g. the std of one-child groups) are left out, not shown as NaN.
-        raw_nan = [np.isnan(b.values[:r, :c]) & ~ev.frequency for b in ev.blocks]
-        keep_rows = ~np.logical_and.reduce([m.all(axis=1) for m in raw_nan])
-        keep_rows = np.append(keep_rows, keep_rows.any())[:nrows]
+        # Unlike pandas' dropna=True, a row or column whose raw statistics are all NaN
+        # (the std of one-child groups, the mean of a declared but empty category) is
+        # shown, suppressed: leaving it out would publish that its group has one child
+        # or none, without the rules ever seeing the cell.
         columns: list[object] = []
         data: dict[int, np.ndarray] = {}
         pos = 0
         for bi, block in enumerate(ev.blocks):
-            keep_cols = ~raw_nan[bi].all(axis=0)
-            keep_cols = np.append(keep_cols, keep_cols.any())
             for j in range(ncols):
-                if not keep_cols[j]:
-                    continue
-                arr = arrays[bi][:nrows, j][keep_rows]
+                arr = arrays[bi][:nrows, j]
                 data[pos] = arr.astype(bool) if masks else _maybe_int(arr, block.stat)
                 columns.append(col_disp[bi][j])
                 pos += 1
         frame = pd.DataFrame(data)
-        frame.index = _index(
-            [lab for lab, k in zip(row_disp[:nrows], keep_rows, strict=True) if k], ev.row_names
-        )
+        frame.index = _index(list(row_disp[:nrows]), ev.row_names)
         col_level_names = [None] * (int(ev.agg_level) + int(ev.values_level)) + list(ev.col_names)
         frame.columns = _index(columns, col_level_names or [None])
         return frame
