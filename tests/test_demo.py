@@ -78,7 +78,11 @@ def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None
     assert "released" in approved_states and "withheld" in approved_states
 
     # The combined results: a funnel plot, a forest plot and pooled intervals.
-    assert {"benchmarking_funnel.png", "mortality_lactate_forest.png"} <= set(summary["figures"])
+    assert {
+        "benchmarking_funnel.png",
+        "mortality_lactate_forest.png",
+        "haemophilia_pooled.png",
+    } <= set(summary["figures"])
     for name in summary["figures"]:
         assert (out / "figures" / name).stat().st_size > 1000
     bench = studies["benchmarking.ipynb"]["combined"]

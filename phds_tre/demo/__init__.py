@@ -132,28 +132,49 @@ def _watch(
     echo: Callable[[str], None],
     deadline: float,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Show per-site progress until every run has finished; review what is held."""
+    """Show per-site progress until every run has finished; review what is held.
+
+    On a terminal: one progress bar per hospital (cells done over all its runs).
+    Otherwise (a log, CI): one line each time a run changes status.
+    """
+    import sys
+
     from tqdm import tqdm
 
     echo("== running at the hospitals (per-site progress: cells done over all studies)")
-    bars = {
-        site: tqdm(total=0, desc=f"{site:<22}", unit="cell", position=i, leave=True)
-        for i, site in enumerate(network.sites)
-    }
+    bars = (
+        {
+            site: tqdm(total=0, desc=f"{site:<22}", unit="cell", position=i, leave=True)
+            for i, site in enumerate(network.sites)
+        }
+        if sys.stderr.isatty()
+        else {}
+    )
+    names = {s["id"]: nb for nb, s in studies.items()}
+    seen: dict[str, str] = {}
     reviewed: set[str] = set()
     decisions: list[dict[str, Any]] = []
     try:
         while True:
             network.check_alive()
             runs = {nb: hub.study(s["id"])["runs"] for nb, s in studies.items()}
+            every = [r for rs in runs.values() for r in rs]
             for site, bar in bars.items():
-                mine = [r for rs in runs.values() for r in rs if r["site"] == site]
+                mine = [r for r in every if r["site"] == site]
                 bar.total = sum(r["cells_total"] or 0 for r in mine)
                 bar.n = sum(r["cells_done"] or 0 for r in mine)
-                states = sorted({r["status"] for r in mine})
-                bar.set_postfix_str(",".join(states), refresh=False)
+                bar.set_postfix_str(",".join(sorted({r["status"] for r in mine})), refresh=False)
                 bar.refresh()
-            pending = [r for rs in runs.values() for r in rs if r["status"] not in _TERMINAL]
+            if not bars:
+                for run in every:
+                    if seen.get(run["id"]) != run["status"]:
+                        seen[run["id"]] = run["status"]
+                        cells = f"{run['cells_done']}/{run['cells_total'] or '?'} cells"
+                        echo(
+                            f"   {run['site']:<22} {names.get(run.get('study_id'), ''):<32} "
+                            f"{run['status']:<16} {cells}"
+                        )
+            pending = [r for r in every if r["status"] not in _TERMINAL]
             for run in pending:
                 if run["status"] == "awaiting_review" and run["id"] not in reviewed:
                     reviewed.add(run["id"])
@@ -283,5 +304,11 @@ def _write_markdown(path: Path, summary: dict[str, Any]) -> None:
             lines.append(f"* {site} dropped out of the combined result: {why}")
         if combined.get("figure"):
             lines += ["", f"![{entry['title']}](figures/{combined['figure']})"]
+        pooled = combined.get("pooled")
+        if pooled:
+            lines += ["", "| | " + " | ".join(map(str, pooled["columns"])) + " |"]
+            lines.append("|---" * (len(pooled["columns"]) + 1) + "|")
+            for label, values in zip(pooled["index"], pooled["data"], strict=True):
+                lines.append(f"| {label} | " + " | ".join(map(str, values)) + " |")
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")

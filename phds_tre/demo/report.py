@@ -9,6 +9,7 @@ or suppressed is named in the report, never filled in.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,12 @@ def combine_benchmarking(results_dir: Path, figures: Path) -> dict[str, Any]:
         labels.append(site)
     out: dict[str, Any] = {"hospitals": labels, "withheld": withheld, "figure": None}
     if len(labels) >= 2:
-        funnel = federate.funnel_plot(events, totals, labels)
+        title = "PICU sepsis mortality per hospital"
+        if withheld:
+            title += f" ({', '.join(sorted(withheld))} withheld: small counts)"
+        funnel = federate.funnel_plot(
+            events, totals, labels, title=title, ylabel="deaths / admissions", xlabel="admissions"
+        )
         out["figure"] = _save(funnel.figure, figures / "benchmarking_funnel.png")
         out["table"] = json.loads(funnel.table.to_json(orient="records"))
     else:
@@ -66,21 +72,64 @@ def combine_benchmarking(results_dir: Path, figures: Path) -> dict[str, Any]:
 
 
 def combine_feasibility(results_dir: Path, figures: Path) -> dict[str, Any]:
-    """Haemophilia counts by age band and type, pooled as intervals."""
+    """Haemophilia counts by age band and type, pooled as intervals, drawn as ranges."""
     from phds_tre import federate
 
     shares = federate.load_shares(results_dir, "haemophilia_by_age")
     if not shares:
-        return {"hospitals": [], "note": "no hospital released its table"}
+        return {"hospitals": [], "note": "no hospital released its table", "figure": None}
     pooled = federate.pool_counts(shares)
     frame = pooled.to_frame()
-    (figures / "haemophilia_pooled.csv").parent.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
     frame.to_csv(figures / "haemophilia_pooled.csv")
     return {
         "hospitals": sorted(shares),
         "pooled": json.loads(frame.astype(str).to_json(orient="split")),
         "table": "haemophilia_pooled.csv",
+        "figure": _save(_interval_chart(pooled), figures / "haemophilia_pooled.png"),
     }
+
+
+def _interval_chart(pooled: Any) -> Any:
+    """One horizontal range per (age band, type): what the network can be sure of."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low, high = pooled.low, pooled.high
+    rows = [r for r in low.index if str(r) != "All"]
+    columns = [c for c in low.columns if str(c) != "All"]
+    figure, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows) * len(columns)))
+    y = 0
+    ticks, names = [], []
+    for row in rows:
+        for k, column in enumerate(columns):
+            lo, hi = float(low.loc[row, column]), float(high.loc[row, column])
+            colour = f"C{k}"
+            if lo == hi:
+                ax.plot([lo], [y], "o", color=colour)
+                label, end = f"{lo:g}", lo
+            elif math.isinf(hi):  # nothing bounds it from above: an open range
+                ax.annotate(
+                    "", (lo + 10, y), (lo, y), arrowprops={"arrowstyle": "->", "color": colour}
+                )
+                label, end = f"≥ {lo:g}", lo + 10
+            else:
+                ax.plot([lo, hi], [y, y], "-", lw=6, color=colour, solid_capstyle="butt")
+                label, end = f"{lo:g}–{hi:g}", hi
+            ax.annotate(label, (end, y), xytext=(4, -3), textcoords="offset points")
+            ticks.append(y)
+            names.append(f"{row} · {column}")
+            y -= 1
+        y -= 0.5
+    ax.set_yticks(ticks, names)
+    ax.set_xlabel("children across the network (suppressed cells give ranges, never guesses)")
+    ax.set_title("Haemophilia by age at diagnosis and type: pooled counts")
+    ax.set_xlim(left=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return figure
 
 
 def combine_mortality_models(results_dir: Path, figures: Path) -> dict[str, Any]:
@@ -109,5 +158,9 @@ def combine_mortality_models(results_dir: Path, figures: Path) -> dict[str, Any]
             "tau2": ma.tau2,
             "i2": ma.i2,
         }
-        out["figure"] = _save(ma.forest_plot(), figures / "mortality_lactate_forest.png")
+        figure = ma.forest_plot(
+            xlabel="log odds of death per mmol/L of first lactate",
+            title="Sepsis mortality: lactate effect per hospital and pooled",
+        )
+        out["figure"] = _save(figure, figures / "mortality_lactate_forest.png")
     return out
