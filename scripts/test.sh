@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# The hub store tests run on SQLite and on this real PostgreSQL (PHDS_TEST_PG_URL).
+source scripts/postgres.sh
+trap phds_pg_stop EXIT
 
 echo "== ruff"
 .venv/bin/ruff check phds_tre tests benchmarks

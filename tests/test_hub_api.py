@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from nbformat.v4 import new_code_cell, new_notebook, new_output
+from sqlalchemy import MetaData
 
 from phds_tre.audit import AuditLog
 from phds_tre.bundle import StudyBundle, StudyManifest, build_bundle, verify_bundle
@@ -49,7 +50,7 @@ class Net:
     client: TestClient
     tmp: Path
     data: Path
-    db: Path
+    db_url: str
     admin: str
     researcher: str
     researcher_key: Ed25519PrivateKey
@@ -65,10 +66,9 @@ class Net:
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Iterator[Net]:
+def net(tmp_path: Path, hub_db_url: str) -> Iterator[Net]:
     data = tmp_path / "hub"
-    db = tmp_path / "hub.sqlite"
-    app = create_app(f"sqlite:///{db}", data, poll_interval_s=0.2, max_study_bytes=200_000)
+    app = create_app(hub_db_url, data, poll_interval_s=0.2, max_study_bytes=200_000)
     store = app.state.hub.store
     create_principal(store, "root", "admin")
     admin, _ = issue_token(store, "root", 3600)
@@ -95,7 +95,7 @@ def net(tmp_path: Path) -> Iterator[Net]:
             assert r.status_code == 201, r.text
             tokens[name] = r.json()["token"]
         nodes = {"site_a": tokens["node_site_a"], "site_b": tokens["node_site_b"]}
-        yield Net(client, tmp_path, data, db, admin, tokens["dr_a"], rkey, nodes, node_keys)
+        yield Net(client, tmp_path, data, hub_db_url, admin, tokens["dr_a"], rkey, nodes, node_keys)
     app.state.hub.store.dispose()
 
 
@@ -540,6 +540,8 @@ def test_openapi_lists_every_route(net: Net) -> None:
         ("/studies", "get"),
         ("/studies/{study_id}", "get"),
         ("/studies/{study_id}/cancel", "post"),
+        ("/studies/{study_id}/rounds", "post"),
+        ("/studies/{study_id}/bundle", "get"),
         ("/runs/{run_id}/release", "get"),
         ("/runs/{run_id}/release", "post"),
         ("/runs/{run_id}/status", "post"),
@@ -549,13 +551,21 @@ def test_openapi_lists_every_route(net: Net) -> None:
     found = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert found == expected
     assert "application/zip" in doc["paths"]["/studies"]["post"]["requestBody"]["content"]
-    assert net.client.get("/health").json() == {"status": "ok", "database": "sqlite"}
+    dialect = net.db_url.split(":")[0].split("+")[0]
+    assert net.client.get("/health").json() == {"status": "ok", "database": dialect}
 
 
 def test_tokens_are_stored_hashed(net: Net) -> None:
-    raw = net.db.read_bytes()
-    for sibling in net.db.parent.glob("hub.sqlite*"):
-        raw += sibling.read_bytes()
+    # Every row of every table, as text; on SQLite also the raw file (WAL, free pages).
+    store = net.client.app.state.hub.store  # type: ignore[attr-defined]
+    tables = MetaData()
+    tables.reflect(store.engine)
+    with store.engine.connect() as conn:
+        raw = "".join(repr(conn.execute(t.select()).all()) for t in tables.sorted_tables).encode()
+    if net.db_url.startswith("sqlite:///"):
+        db = Path(net.db_url.removeprefix("sqlite:///"))
+        for sibling in db.parent.glob(f"{db.name}*"):
+            raw += sibling.read_bytes()
     audit = (net.data / "audit.sqlite").read_bytes()
     for token in (net.admin, net.researcher, *net.nodes.values()):
         secret = token.split("_", 2)[2].encode()

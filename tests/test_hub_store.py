@@ -1,4 +1,4 @@
-"""The hub store: Alembic migrations, SQLite settings, UTC times, race-free claiming, CLI bootstrap."""
+"""The hub store on SQLite and PostgreSQL: migrations, UTC times, race-free claiming, CLI bootstrap."""
 
 from __future__ import annotations
 
@@ -6,33 +6,69 @@ import datetime as dt
 import threading
 from pathlib import Path
 
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from phds_tre.cli import cli
 from phds_tre.hub.auth import create_principal, hash_secret, issue_token
 from phds_tre.hub.models import Principal, Run, RunEvent, Study, Token, utc_now
-from phds_tre.hub.store import Store
+from phds_tre.hub.store import MIGRATIONS, Store
 
-TABLES = {"alembic_version", "principals", "tokens", "studies", "runs", "run_events", "releases"}
+TABLES = {
+    "alembic_version",
+    "principals",
+    "tokens",
+    "studies",
+    "runs",
+    "run_events",
+    "releases",
+    "rounds",
+}
 
 
-def _url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'hub.sqlite'}"
+def _head() -> str:
+    """The newest migration shipped with the package."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
-def test_migrations_create_exactly_the_tables(tmp_path: Path) -> None:
-    store = Store(_url(tmp_path))
+def test_migrations_create_exactly_the_tables(hub_db_url: str) -> None:
+    store = Store(hub_db_url)
     assert set(inspect(store.engine).get_table_names()) == TABLES
     with store.engine.connect() as conn:
-        assert (
-            conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001_initial"
-        )
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == _head()
+        if store.dialect == "sqlite":
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        else:
+            # Timestamps are real zone-aware columns on PostgreSQL.
+            kinds = conn.execute(
+                text(
+                    "SELECT DISTINCT data_type FROM information_schema.columns"
+                    " WHERE table_name = 'runs' AND column_name IN ('created', 'lease_until')"
+                )
+            ).scalars()
+            assert set(kinds) == {"timestamp with time zone"}
     store.dispose()
     # Opening again (another hub process, a restart) is a no-op upgrade.
-    Store(_url(tmp_path)).dispose()
+    Store(hub_db_url).dispose()
+
+
+def test_foreign_keys_are_enforced(hub_db_url: str) -> None:
+    store = Store(hub_db_url)
+    now = utc_now()
+    with pytest.raises(IntegrityError), store.session() as session:
+        session.add(
+            Run(id="orphan", study_id="no-such-study", site="s", status="queued", created=now)
+        )
+    store.dispose()
 
 
 def _study(store: Store, runs: int, site: str = "site_a") -> list[str]:
@@ -70,20 +106,25 @@ def _study(store: Store, runs: int, site: str = "site_a") -> list[str]:
     return ids
 
 
-def test_times_are_utc_aware(tmp_path: Path) -> None:
-    store = Store(_url(tmp_path))
+def test_times_are_utc_aware(hub_db_url: str) -> None:
+    store = Store(hub_db_url)
     _study(store, 1)
+    # A time given in another zone comes back as the same instant, in UTC.
+    madrid = dt.datetime(2026, 5, 4, 12, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with store.session() as session:
+        session.get_one(Run, "run-000").lease_until = madrid
     with store.session() as session:
         run = session.scalars(select(Run)).one()
         assert run.created.tzinfo is not None and run.created.utcoffset() == dt.timedelta(0)
+        assert run.lease_until == madrid and run.lease_until.utcoffset() == dt.timedelta(0)
     store.dispose()
 
 
-def test_concurrent_claimers_never_share_a_run(tmp_path: Path) -> None:
-    first = Store(_url(tmp_path))
+def test_concurrent_claimers_never_share_a_run(hub_db_url: str) -> None:
+    first = Store(hub_db_url)
     runs = _study(first, 40)
-    # Two engines on one file stand for two hub processes; each has several claimer threads.
-    stores = [first, Store(_url(tmp_path))]
+    # Two engines on one database stand for two hub processes; each has several claimers.
+    stores = [first, Store(hub_db_url)]
     node = create_principal(first, "node", "node", "site_a", public_key="A" * 43 + "=")
     claimed: list[str] = []
     lock = threading.Lock()
@@ -111,8 +152,8 @@ def test_concurrent_claimers_never_share_a_run(tmp_path: Path) -> None:
         store.dispose()
 
 
-def test_expired_lease_can_be_reclaimed_and_status_is_compare_and_set(tmp_path: Path) -> None:
-    store = Store(_url(tmp_path))
+def test_expired_lease_can_be_reclaimed_and_status_is_compare_and_set(hub_db_url: str) -> None:
+    store = Store(hub_db_url)
     (run_id,) = _study(store, 1)
     node = create_principal(store, "node", "node", "site_a", public_key="A" * 43 + "=")
     assert store.claim_next("site_a", node.id, "n", lease_s=-1) == run_id
@@ -123,8 +164,8 @@ def test_expired_lease_can_be_reclaimed_and_status_is_compare_and_set(tmp_path: 
     store.dispose()
 
 
-def test_tokens_hold_only_a_hash(tmp_path: Path) -> None:
-    store = Store(_url(tmp_path))
+def test_tokens_hold_only_a_hash(hub_db_url: str) -> None:
+    store = Store(hub_db_url)
     create_principal(store, "root", "admin")
     bearer, token = issue_token(store, "root", 60)
     secret = bearer.split("_", 2)[2]
@@ -134,22 +175,19 @@ def test_tokens_hold_only_a_hash(tmp_path: Path) -> None:
     store.dispose()
 
 
-def test_cli_bootstraps_the_first_admin(tmp_path: Path) -> None:
+def test_cli_bootstraps_the_first_admin(hub_db_url: str, tmp_path: Path) -> None:
     data = tmp_path / "hub"
+    where = ["--data", str(data), "--db", hub_db_url]
     runner = CliRunner()
-    r = runner.invoke(
-        cli, ["hub", "admin", "create-principal", "root", "--role", "admin", "--data", str(data)]
-    )
+    r = runner.invoke(cli, ["hub", "admin", "create-principal", "root", "--role", "admin", *where])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["hub", "admin", "create-token", "root", "--data", str(data)])
+    r = runner.invoke(cli, ["hub", "admin", "create-token", "root", *where])
     assert r.exit_code == 0 and r.output.startswith("phds_")
-    r = runner.invoke(cli, ["hub", "admin", "create-token", "nobody", "--data", str(data)])
+    r = runner.invoke(cli, ["hub", "admin", "create-token", "nobody", *where])
     assert r.exit_code == 2 and "no principal" in r.output
-    r = runner.invoke(
-        cli, ["hub", "admin", "create-principal", "n", "--role", "node", "--data", str(data)]
-    )
+    r = runner.invoke(cli, ["hub", "admin", "create-principal", "n", "--role", "node", *where])
     assert r.exit_code == 2 and "needs a site" in r.output
-    store = Store(f"sqlite:///{data / 'hub.sqlite'}")
+    store = Store(hub_db_url)
     with store.session() as session:
         assert session.scalars(select(Principal.name)).all() == ["root"]
     store.dispose()

@@ -6,13 +6,19 @@ runs under an advisory lock (several hub processes may start at once), and a run
 claimed with ``SELECT ... FOR UPDATE SKIP LOCKED``. On SQLite a claim is one atomic
 ``UPDATE ... WHERE status = 'queued'`` compare-and-set, so two hub processes on one
 file never hand the same run to two nodes either.
+
+Several hub processes on one PostgreSQL learn of each other's queued runs through
+``LISTEN``/``NOTIFY`` (:meth:`Store.announce_queued`, :meth:`Store.watch_queued`), so
+a node long-polling one process gets a run submitted through another at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +26,21 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, and_, create_engine, event, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from phds_tre.hub.models import Run, RunEvent, utc_now
 
-__all__ = ["MIGRATIONS", "SQLITE_BUSY_TIMEOUT_S", "Store", "default_db_url", "new_run_id"]
+__all__ = [
+    "MIGRATIONS",
+    "QUEUED_CHANNEL",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "Store",
+    "default_db_url",
+    "new_run_id",
+]
+
+_log = logging.getLogger(__name__)
 
 #: The Alembic environment shipped with the package.
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -32,6 +48,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: Arbitrary constant key of the PostgreSQL advisory lock held while migrating.
 _PG_MIGRATION_LOCK = 0x70686473
+#: PostgreSQL notification channel: payload ``"<origin> <site>"`` when a run is queued.
+QUEUED_CHANNEL = "phds_run_queued"
+#: Longest wait (seconds) before the queued-run listener reconnects after losing PostgreSQL.
+_LISTEN_MAX_BACKOFF_S = 30.0
 
 
 def default_db_url(data_dir: Path) -> str:
@@ -97,6 +117,56 @@ class Store:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+    # -- queued-run notifications between hub processes (PostgreSQL) -----------------------
+
+    def announce_queued(self, sites: Iterable[str], origin: str) -> None:
+        """Tell every hub process listening on this PostgreSQL that ``sites`` got a queued run.
+
+        A no-op on SQLite (one file, normally one process: the long-poll's periodic
+        re-check covers a second one). A failure is logged, not raised: the run is
+        stored already and the re-check finds it within the poll interval.
+        """
+        if self.dialect != "postgresql":
+            return
+        try:
+            with self.engine.begin() as conn:
+                for site in sites:
+                    conn.execute(
+                        text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": QUEUED_CHANNEL, "payload": f"{origin} {site}"},
+                    )
+        except SQLAlchemyError as exc:
+            _log.warning("could not announce queued runs to other hub processes: %s", exc)
+
+    async def watch_queued(self, on_queued: Callable[[str, str], None]) -> None:
+        """Call ``on_queued(origin, site)`` for every announced queued run, until cancelled.
+
+        PostgreSQL only (returns at once otherwise). ``LISTEN`` needs one dedicated
+        connection outside SQLAlchemy's pool, so this uses psycopg's asyncio connection
+        directly; a lost connection is re-opened with exponential back-off (runs announced
+        meanwhile are found by the long-poll's periodic re-check).
+        """
+        if self.dialect != "postgresql":
+            return
+        import psycopg  # only a PostgreSQL hub needs the driver
+
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        backoff = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {QUEUED_CHANNEL}")
+                    backoff = 0.5
+                    async for note in conn.notifies():
+                        origin, _, site = note.payload.partition(" ")
+                        on_queued(origin, site)
+            except (psycopg.Error, OSError) as exc:
+                _log.warning("queued-run listener lost PostgreSQL (%s); retrying", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _LISTEN_MAX_BACKOFF_S)
 
     # -- runs --------------------------------------------------------------------
 
