@@ -7,6 +7,7 @@ a user can fix are printed as one line (``phds: error: ...``) with exit status
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -132,35 +133,45 @@ def check_command(
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("demo-out"),
     show_default=True,
-    help="Folder for the synthetic hospitals, each hospital's run and the summary.",
+    help="Report folder (summary.json, report.md, figures/); also holds the hospitals' data.",
 )
 @policy_option
 def demo_command(out_dir: Path, policy_path: str | None) -> None:
-    """Run the local demo: the example study at three synthetic hospitals."""
-    from tqdm import tqdm
+    """Run the main job: a hub and three synthetic hospitals on localhost, the demo studies
+    submitted, held outputs reviewed, releases verified and combined into a report.
+
+    \b
+    Exit status:
+      0  every run released and every release verified
+      1  the demo finished, but some run did not end released or a release did not verify
+      2  bad input (policy), or a part of the network failed
+      130  stopped by Ctrl-C (everything it started is stopped too)
+    """
+    import signal
 
     from phds_tre.demo import run_demo
+    from phds_tre.demo.network import NetworkError
     from phds_tre.sdc.policy import PolicyError
     from phds_tre.site_policy import load_site_policy
 
     try:
-        site_policy = load_site_policy(policy_path)
+        load_site_policy(policy_path)  # a bad policy is refused before anything starts
     except PolicyError as exc:
         fail(exc)
-    bars: dict[str, tqdm[Any]] = {}
 
-    def progress(site: str, done: int, total: int) -> None:
-        bar = bars.get(site)
-        if bar is None:
-            bar = bars[site] = tqdm(total=total, desc=f"{site:<22}", unit="cell", leave=True)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
+    def interrupted(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the demo the way Ctrl-C does
 
-    result = run_demo(out_dir, site_policy=site_policy, echo=click.echo, progress=progress)
-    counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
-    click.echo(f"demo finished: {counts}")
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        result = run_demo(out_dir, Path(policy_path) if policy_path else None, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("demo stopped: every process it started has been stopped", err=True)
+        sys.exit(130)
+    except (NetworkError, TimeoutError) as exc:
+        fail(exc)
+    click.echo("demo finished: " + ("all released and verified" if result.ok else "INCOMPLETE"))
+    sys.exit(0 if result.ok else 1)
 
 
 @cli.command("synth")
@@ -761,17 +772,25 @@ def status_command(study_id: str) -> None:
     except HubError as exc:
         fail(exc)
     click.echo(f"study {study['id']}: {study['title']}")
+    # A ROUND column once the study has follow-up rounds.
+    rounds = study.get("rounds", 1) > 1
     rows = [
-        (run["site"], run["status"], _progress(run), str(run["updated"])[:19].replace("T", " "))
+        (
+            *((str(run.get("round", 1)),) if rounds else ()),
+            run["site"],
+            run["status"],
+            _progress(run),
+            str(run["updated"])[:19].replace("T", " "),
+        )
         for run in study["runs"]
     ]
-    header = ("SITE", "STATUS", "CELLS", "UPDATED (UTC)")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    header = (*(("ROUND",) if rounds else ()), "SITE", "STATUS", "CELLS", "UPDATED (UTC)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         click.echo(
-            "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
             + "  "
-            + row[3]
+            + row[-1]
         )
 
 
@@ -816,8 +835,10 @@ def watch_command(study_id: str, interval: float, timeout: float | None) -> None
                 runs = study["runs"]
                 for position, run in enumerate(runs):
                     site = run["site"]
-                    if site not in bars:
-                        bars[site] = tqdm(
+                    if study.get("rounds", 1) > 1:
+                        site = f"{site} round {run.get('round', 1)}"
+                    if run["id"] not in bars:
+                        bars[run["id"]] = tqdm(
                             total=1,
                             position=position,
                             file=sys.stderr,
@@ -825,7 +846,7 @@ def watch_command(study_id: str, interval: float, timeout: float | None) -> None
                             unit="cell",
                             dynamic_ncols=True,
                         )
-                    bar = bars[site]
+                    bar = bars[run["id"]]
                     total = max(run["cells_total"], 1)
                     done = run["cells_done"] if run["cells_total"] else 0
                     if run["status"] == "released":
@@ -849,7 +870,8 @@ def watch_command(study_id: str, interval: float, timeout: float | None) -> None
     for bar in bars.values():
         bar.close()
     for run in runs:
-        click.echo(f"{run['site']}: {run['status']} ({_progress(run)} cells)")
+        label = f"{run['site']} round {run['round']}" if study.get("rounds", 1) > 1 else run["site"]
+        click.echo(f"{label}: {run['status']} ({_progress(run)} cells)")
     statuses = {run["status"] for run in runs}
     if statuses & {"failed", "rejected", "cancelled"}:
         raise SystemExit(4)
@@ -877,7 +899,16 @@ def watch_command(study_id: str, interval: float, timeout: float | None) -> None
     metavar="SITE KEYFILE",
     help="A site's trusted public key (repeatable); given any, every release must be signed by its site's key.",
 )
-def results_command(study_id: str, out_dir: Path, site_keys: tuple[tuple[str, str], ...]) -> None:
+@click.option(
+    "--round",
+    "round_number",
+    type=click.IntRange(min=1),
+    default=None,
+    help="One round of the study (default: each site's latest released round).",
+)
+def results_command(
+    study_id: str, out_dir: Path, site_keys: tuple[tuple[str, str], ...], round_number: int | None
+) -> None:
     """Download and verify every released run into OUT/<site>/release/, with OUT/results.json.
 
     \b
@@ -896,21 +927,66 @@ def results_command(study_id: str, out_dir: Path, site_keys: tuple[tuple[str, st
             for site, path in site_keys:
                 trusted.setdefault(site, []).append(load_public_key(path))
         with _client_hub() as hub:
-            summary = hub.results(study_id, out_dir, trusted)
+            summary = hub.results(study_id, out_dir, trusted, round=round_number)
     except (HubError, KeyFileError, OSError) as exc:
         fail(exc)
     for site, entry in summary["sites"].items():
         if not entry["released"]:
             click.echo(f"{site}: {entry['status']} (no release)")
         elif entry["verified"]:
+            later = f" (round {entry['round']})" if entry["round"] > 1 else ""
             click.echo(
-                f"{site}: verified, {entry['files']} files, key {entry['key_id']} -> {entry['path']}"
+                f"{site}: verified, {entry['files']} files, key {entry['key_id']} -> "
+                f"{entry['path']}{later}"
             )
         else:
             click.echo(f"{site}: NOT VERIFIED: {'; '.join(entry['problems'])}")
     click.echo(f"summary: {out_dir / 'results.json'}")
     if not summary["ok"]:
         raise SystemExit(1)
+
+
+@cli.command("round")
+@click.argument("study_id", metavar="STUDY")
+@click.option(
+    "--sites", default=None, metavar="A,B,...", help="Target sites (default: all the study's)."
+)
+@study_parameter_options
+def round_command(
+    study_id: str,
+    sites: str | None,
+    parameters: tuple[tuple[str, str], ...],
+    site_params: tuple[tuple[str, str, str], ...],
+) -> None:
+    """Run the study's notebook again with new parameters (a signed follow-up round).
+
+    Prints the round number. Each site runs the round without fresh approval only if
+    its policy says ``[approval] later_rounds = "auto"`` and round 1 ran there.
+
+    \b
+    Exit status:
+      0  submitted
+      2  bad configuration or parameter, or the hub refused the round
+    """
+    from phds_tre.client import ClientConfig, ConfigError, Hub, HubError
+    from phds_tre.release.signing import KeyFileError, load_private_key
+
+    per_site: dict[str, dict[str, str]] = {}
+    for site, name, value in site_params:
+        per_site.setdefault(site, {})[name] = value
+    try:
+        config = ClientConfig.load()
+        if config.key_path is None:
+            raise ConfigError("no signing key: set PHDS_KEY or key in the client configuration")
+        key = load_private_key(config.key_path)
+        targets = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+        with Hub.from_config(config) as hub:
+            found = hub.submit_round(
+                study_id, key, dict(parameters), site_parameters=per_site, sites=targets
+            )
+    except (ConfigError, HubError, KeyFileError) as exc:
+        fail(exc)
+    click.echo(f"round {found['round']} of study {study_id}: {', '.join(found['sites'])}")
 
 
 @cli.command("cancel")
@@ -981,6 +1057,12 @@ _node_work_option = click.option(
     default=None,
     help="File holding the node's hub token (default: $PHDS_NODE_TOKEN).",
 )
+@click.option(
+    "--review-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Also serve the review API (for JupyterLab) on 127.0.0.1:PORT.",
+)
 def node_serve_command(
     hub_url: str,
     site: str,
@@ -990,6 +1072,7 @@ def node_serve_command(
     key_path: Path | None,
     researcher_keys: tuple[str, ...],
     token_file: Path | None,
+    review_port: int | None,
 ) -> None:
     """Serve runs for this site until Ctrl-C (long-polls the hub; retries while it is away)."""
     import logging
@@ -1026,6 +1109,16 @@ def node_serve_command(
         key_path or default_key_path(site),
         keys,
     )
+    review_server = None
+    if review_port is not None:
+        from phds_tre.node.api import serve_review_api
+
+        try:
+            review_server = serve_review_api(work_dir, review_port)
+        except RuntimeError as exc:
+            agent.close()
+            fail(f"{exc} (port {review_port} taken?)")
+        click.echo(f"node {site}: review API on http://127.0.0.1:{review_server.port}")
     click.echo(f"node {site}: serving runs from {hub_url} (Ctrl-C stops)")
     try:
         agent.run_forever()
@@ -1033,35 +1126,168 @@ def node_serve_command(
         click.echo("node: stopping")
     finally:
         agent.close()
+        if review_server is not None:
+            review_server.stop()
 
 
-@node_group.command("approve")
+@cli.group("site")
+def site_group() -> None:
+    """The site admin: approve or reject runs the code gate holds for approval."""
+
+
+_site_admin_option = click.option(
+    "--admin",
+    envvar="PHDS_SITE_ADMIN",
+    default="",
+    help="Who approves (recorded in the audit log; default: $PHDS_SITE_ADMIN).",
+)
+
+
+@site_group.command("approve")
 @click.argument("run_id", metavar="RUN")
+@click.option("--comment", default="", help="Why (recorded in the audit log).")
+@_site_admin_option
 @_node_work_option
-def node_approve_command(run_id: str, work_dir: Path) -> None:
-    """Approve a run awaiting the site's approval; the serving node re-runs it."""
+def site_approve_command(run_id: str, comment: str, admin: str, work_dir: Path) -> None:
+    """Approve a run awaiting the site's approval; the serving node runs it."""
     from phds_tre.node import StateError, approve_run
 
     try:
-        approve_run(work_dir, run_id)
-    except StateError as exc:
+        approve_run(work_dir, run_id, comment, admin=admin)
+    except (StateError, ValueError) as exc:
         fail(exc)
-    click.echo(f"run {run_id} approved")
+    click.echo(f"run {run_id} approved by {admin}")
 
 
-@node_group.command("reject")
+@site_group.command("reject")
 @click.argument("run_id", metavar="RUN")
-@click.option("--reason", default="", help="Why (sent to the hub).")
+@click.option("--comment", default="", help="Why (sent to the hub and the researcher).")
+@_site_admin_option
 @_node_work_option
-def node_reject_command(run_id: str, reason: str, work_dir: Path) -> None:
+def site_reject_command(run_id: str, comment: str, admin: str, work_dir: Path) -> None:
     """Reject a run awaiting the site's approval; the serving node tells the hub."""
     from phds_tre.node import StateError, reject_run
 
     try:
-        reject_run(work_dir, run_id, reason)
-    except StateError as exc:
+        reject_run(work_dir, run_id, comment, admin=admin)
+    except (StateError, ValueError) as exc:
         fail(exc)
-    click.echo(f"run {run_id} rejected")
+    click.echo(f"run {run_id} rejected by {admin}")
+
+
+@cli.group("review")
+def review_group() -> None:
+    """The site reviewer: held outputs, decisions, release (the review API does the same)."""
+
+
+_reviewer_option = click.option(
+    "--reviewer",
+    envvar="PHDS_REVIEWER",
+    default="",
+    help="Who decides (recorded; default: $PHDS_REVIEWER).",
+)
+
+
+def _review_queue(work_dir: Path) -> Any:
+    from phds_tre.node.review import ReviewError, ReviewQueue
+
+    try:
+        return ReviewQueue(work_dir)
+    except ReviewError as exc:
+        fail(exc)
+
+
+@review_group.command("list")
+@click.option("--all", "include_released", is_flag=True, help="Also runs already released.")
+@_node_work_option
+def review_list_command(include_released: bool, work_dir: Path) -> None:
+    """Runs whose outputs are held for review."""
+    runs = _review_queue(work_dir).list(include_released=include_released)
+    if not runs:
+        click.echo("no run awaiting review")
+    for r in runs:
+        click.echo(
+            f"{r.run_id}  {r.status:15}  {r.decided}/{r.held} decided  "
+            f"study {r.study_id[:12]}  author {r.researcher}"
+        )
+
+
+@review_group.command("show")
+@click.argument("run_id", metavar="RUN")
+@_node_work_option
+def review_show_command(run_id: str, work_dir: Path) -> None:
+    """Each held output: verdict, the rules' reasons, kind, content, decisions so far."""
+    from phds_tre.node.review import ReviewError, format_review
+
+    try:
+        click.echo(format_review(_review_queue(work_dir).show(run_id)))
+    except ReviewError as exc:
+        fail(exc)
+
+
+@review_group.command("decide")
+@click.argument("run_id", metavar="RUN")
+@click.argument("output", metavar="OUTPUT")
+@click.argument("decision", type=click.Choice(["approve", "reject", "redact"]))
+@click.option("--comment", default="", help="Why (required for some decisions).")
+@_reviewer_option
+@_node_work_option
+def review_decide_command(
+    run_id: str, output: str, decision: str, comment: str, reviewer: str, work_dir: Path
+) -> None:
+    """Decide one held output (OUTPUT is CELL:OUTPUT, e.g. 3:0); changeable until release."""
+    from phds_tre.node.review import ReviewError
+
+    try:
+        _review_queue(work_dir).decide(run_id, output, decision, comment, reviewer)
+    except ReviewError as exc:
+        fail(exc)
+    click.echo(f"run {run_id} output {output}: {decision} by {reviewer}")
+
+
+@review_group.command("release")
+@click.argument("run_id", metavar="RUN")
+@click.option("--comment", default="", help="A note for the researcher (in the manifest).")
+@_reviewer_option
+@_node_work_option
+def review_release_command(run_id: str, comment: str, reviewer: str, work_dir: Path) -> None:
+    """Release a run whose held outputs are all decided; the node signs and uploads it."""
+    from phds_tre.node.review import ReviewError
+
+    try:
+        _review_queue(work_dir).release(run_id, reviewer, comment)
+    except ReviewError as exc:
+        fail(exc)
+    click.echo(f"run {run_id} released by {reviewer}; the node signs and uploads it")
+
+
+@review_group.command("token")
+@click.argument("reviewer", metavar="NAME")
+@_node_work_option
+def review_token_command(reviewer: str, work_dir: Path) -> None:
+    """Make a review API token for reviewer NAME (printed once; only its hash is kept)."""
+    from phds_tre.node.api import issue_reviewer_token
+
+    _review_queue(work_dir)  # a node working folder, not a typo
+    try:
+        click.echo(issue_reviewer_token(work_dir, reviewer))
+    except ValueError as exc:
+        fail(exc)
+
+
+@review_group.command("revoke-token")
+@click.argument("token_id", metavar="TOKEN_ID")
+@_node_work_option
+def review_revoke_token_command(token_id: str, work_dir: Path) -> None:
+    """Revoke a review API token (TOKEN_ID: the 16 hex digits after phdsr_)."""
+    from phds_tre.node.api import revoke_reviewer_token
+
+    _review_queue(work_dir)
+    try:
+        revoke_reviewer_token(work_dir, token_id)
+    except ValueError as exc:
+        fail(exc)
+    click.echo(f"token {token_id} revoked")
 
 
 def main() -> None:

@@ -24,16 +24,18 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import tomllib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+import nbformat
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
     "FINISHED",
@@ -246,6 +248,7 @@ class Hub:
             timeout=timeout,
             follow_redirects=False,
         )
+        self._bundles: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> Hub:
@@ -337,13 +340,112 @@ class Hub:
             raise HubError(0, f"cannot reach the hub at {self.url}: {exc}") from None
         return target
 
+    def study_bundle(self, study_id: str) -> Any:
+        """The study's own bundle (a :class:`~phds_tre.bundle.StudyBundle`), checked intact.
+
+        Fetched once per session: a study's bundle never changes.
+        """
+        from phds_tre.bundle import BundleError, read_bundle
+
+        cached = self._bundles.get(study_id)
+        if cached is not None:
+            return cached
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "study.zip"
+            path.write_bytes(self._request("GET", f"/studies/{_segment(study_id)}/bundle").content)
+            try:
+                bundle = read_bundle(path)
+            except BundleError as exc:
+                raise HubError(0, f"the hub's copy of study {study_id}: {exc}") from None
+        if bundle.study_id != study_id:
+            raise HubError(0, f"the hub sent study {bundle.study_id} for {study_id}")
+        self._bundles[study_id] = bundle
+        return bundle
+
+    def submit_round(
+        self,
+        study_id: str,
+        key: Ed25519PrivateKey,
+        parameters: Mapping[str, object] | None = None,
+        *,
+        site_parameters: Mapping[str, Mapping[str, object]] | None = None,
+        sites: Sequence[str] | None = None,
+        number: int | None = None,
+    ) -> dict[str, Any]:
+        """Sign and submit a follow-up round of the study; the stored round with its runs.
+
+        The same notebook runs again with ``parameters`` (every target site) and
+        ``site_parameters`` (one site) over the study's own; ``sites`` defaults to every
+        site of the study and ``number`` to the next round. Values given as strings are
+        converted to the types the notebook declares before signing. Raises
+        :class:`HubError` (a refused parameter or site: status 0, before anything is sent).
+        """
+        from phds_tre.execute.parameters import ParameterError
+        from phds_tre.rounds import RoundError, build_round
+
+        bundle = self.study_bundle(study_id)
+        if number is None:
+            number = int(self.study(study_id).get("rounds", 1)) + 1
+        try:
+            notebook = nbformat.reads(bundle.notebook.decode("utf-8"), as_version=4)
+            signed = build_round(
+                bundle.manifest,
+                notebook,
+                number,
+                key,
+                parameters=parameters,
+                site_parameters=site_parameters,
+                sites=sites,
+            )
+        except (RoundError, ParameterError) as exc:
+            raise HubError(0, f"round {number}: {exc}") from None
+        found: dict[str, Any] = self._json(
+            "POST", f"/studies/{_segment(study_id)}/rounds", json=signed.to_json()
+        )
+        return found
+
+    def wait(
+        self,
+        study_id: str,
+        round: int | None = None,
+        *,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until every run of ``round`` (default: the latest) has finished; the study.
+
+        ``on_update`` gets the study after every poll (for progress display). Raises
+        :class:`TimeoutError` naming the unfinished sites after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            study = self.study(study_id)
+            wanted = round if round is not None else int(study.get("rounds", 1))
+            runs = [r for r in study["runs"] if r.get("round", 1) == wanted]
+            if on_update is not None:
+                on_update(study)
+            if runs and all(r["status"] in FINISHED for r in runs):
+                return study
+            if not runs:
+                raise HubError(0, f"study {study_id} has no round {wanted}")
+            if deadline is not None and time.monotonic() >= deadline:
+                waiting = ", ".join(f"{r['site']} {r['status']}" for r in runs)
+                raise TimeoutError(f"round {wanted} of study {study_id} unfinished: {waiting}")
+            time.sleep(interval)
+
     def results(
         self,
         study_id: str,
         out_dir: str | Path,
         trusted_site_keys: Mapping[str, Sequence[Ed25519PublicKey]] | None = None,
+        *,
+        round: int | None = None,
     ) -> dict[str, Any]:
         """Download, unpack and verify every released run; write ``out_dir/results.json``.
+
+        ``round`` picks one round of a study with follow-up rounds; by default each site's
+        latest released run is taken (else its latest run).
 
         Each release goes to ``out_dir/<site>/release/`` (replacing an earlier copy),
         unpacked safely and checked with :func:`~phds_tre.release.verify.verify_release`,
@@ -353,13 +455,15 @@ class Hub:
         ``ok`` is true when every released run verified.
         """
         study = self.study(study_id)
+        chosen = _round_runs(study, round)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         sites: dict[str, dict[str, Any]] = {}
-        for run in study["runs"]:
+        for run in chosen:
             site = str(run["site"])
             entry: dict[str, Any] = {
                 "run_id": run["id"],
+                "round": run.get("round", 1),
                 "status": run["status"],
                 "cells_done": run["cells_done"],
                 "cells_total": run["cells_total"],
@@ -380,6 +484,7 @@ class Hub:
         summary: dict[str, Any] = {
             "study_id": study["id"],
             "title": study["title"],
+            "round": round,
             "hub": self.url,
             "fetched": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "ok": all(e["verified"] for e in released),
@@ -452,6 +557,22 @@ class Hub:
             "files": result.files,
             "problems": problems,
         }
+
+
+def _round_runs(study: Mapping[str, Any], round: int | None) -> list[dict[str, Any]]:
+    """One run per site: of ``round``, or each site's latest released (else latest) run."""
+    runs: list[dict[str, Any]] = list(study["runs"])
+    if round is not None:
+        picked = [r for r in runs if r.get("round", 1) == round]
+        if not picked:
+            raise HubError(0, f"study {study['id']} has no round {round}")
+        return picked
+    latest: dict[str, dict[str, Any]] = {}
+    for run in sorted(runs, key=lambda r: int(r.get("round", 1))):
+        held = latest.get(str(run["site"]))
+        if held is None or run["status"] == "released" or held["status"] != "released":
+            latest[str(run["site"])] = run
+    return list(latest.values())
 
 
 def _safe_site(site: str) -> bool:

@@ -118,6 +118,8 @@ class SiteRun:
     key_path: Path | None = None
     approved: bool = False
     study_id: str | None = None
+    #: The study's round (1, 2, ...) when run for the hub; recorded in the release manifest.
+    round: int | None = None
     progress: Callable[[str, int, int], None] | None = None
     echo: Callable[[str], None] = print
     pool: Any = None  # a phds_tre.execute.pool.KernelPool; one is made (size 1) when absent
@@ -390,6 +392,8 @@ class SiteRun:
             "timings": dict(self.record["timings"]),
             "execution_status": (self.record["execution"] or {}).get("status"),
         }
+        if self.round is not None:
+            fields["round"] = self.round
         path = write_release(self.out_dir, release, fields, shared, key)
         counts = dict(release.counts)
         self.record["release"] = {

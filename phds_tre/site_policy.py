@@ -20,6 +20,12 @@ also a valid site policy; the other concerns are tables::
     [scan]
     identifier_columns = ["person.person_source_value", "person.birth_datetime"]
 
+    [retention]
+    executed_days = 30          # executed notebooks of finished runs are deleted after this
+
+    [approval]
+    later_rounds = "approve"    # or "auto": follow-up rounds of a study run here ran
+
 Unknown keys, wrong types and out-of-range values are errors naming the key.
 """
 
@@ -34,9 +40,11 @@ from phds_tre.sdc.policy import Policy, PolicyError, canonical_hash, read_policy
 
 __all__ = [
     "CODE_GATE_CATEGORIES",
+    "ApprovalPolicy",
     "CodeGatePolicy",
     "ExecutionLimits",
     "ReleasePolicy",
+    "RetentionPolicy",
     "ScanPolicy",
     "SitePolicy",
     "load_site_policy",
@@ -104,6 +112,26 @@ class ScanPolicy(_Strict):
     identifier_columns: tuple[str, ...] = ("person.person_source_value", "person.birth_datetime")
 
 
+class RetentionPolicy(_Strict):
+    """How long the node keeps executed notebooks (row-level risk) of finished runs.
+
+    run.json, the release and the audit trail are kept; runs awaiting review never expire.
+    """
+
+    executed_days: int = Field(30, ge=0, le=36_500)
+
+
+class ApprovalPolicy(_Strict):
+    """Whether a study's follow-up rounds (same notebook, new parameters) need fresh approval.
+
+    ``auto``: a later round runs without the site admin when the study's round 1 ran at
+    this site and the code gate finds nothing needing approval; ``approve``: every later
+    round waits for the site admin, like a new study.
+    """
+
+    later_rounds: Literal["auto", "approve"] = "approve"
+
+
 class SitePolicy(_Strict):
     """Everything a site decides: disclosure rules and the rest."""
 
@@ -112,6 +140,8 @@ class SitePolicy(_Strict):
     code_gate: CodeGatePolicy = CodeGatePolicy()
     limits: ExecutionLimits = ExecutionLimits()
     scan: ScanPolicy = ScanPolicy()
+    approval: ApprovalPolicy = ApprovalPolicy()
+    retention: RetentionPolicy = RetentionPolicy()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data, every field present."""
@@ -136,6 +166,8 @@ class SitePolicy(_Strict):
             ("code_gate", CodeGatePolicy),
             ("limits", ExecutionLimits),
             ("scan", ScanPolicy),
+            ("approval", ApprovalPolicy),
+            ("retention", RetentionPolicy),
         ):
             section = data.pop(name, {})
             if not isinstance(section, dict):

@@ -101,8 +101,9 @@ def _interval_chart(pooled: Any) -> Any:
     rows = [r for r in low.index if str(r) != "All"]
     columns = [c for c in low.columns if str(c) != "All"]
     figure, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows) * len(columns)))
-    y = 0
-    ticks, names = [], []
+    y = 0.0
+    ticks: list[float] = []
+    names: list[str] = []
     for row in rows:
         for k, column in enumerate(columns):
             lo, hi = float(low.loc[row, column]), float(high.loc[row, column])

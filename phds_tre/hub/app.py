@@ -18,21 +18,30 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+import zipfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import nbformat
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phds_tre.audit import AuditLog
-from phds_tre.bundle import MAX_BUNDLE_BYTES, BundleError, StudyManifest, verify_bundle
+from phds_tre.bundle import (
+    MAX_BUNDLE_BYTES,
+    NOTEBOOK_MEMBER,
+    BundleError,
+    StudyManifest,
+    verify_bundle,
+)
 from phds_tre.hub.archive import ArchiveError, unpack
 from phds_tre.hub.auth import (
     Caller,
@@ -43,7 +52,16 @@ from phds_tre.hub.auth import (
     require,
     revoke_token,
 )
-from phds_tre.hub.models import ACTIVE_STATUSES, Principal, Release, Run, RunEvent, Study, utc_now
+from phds_tre.hub.models import (
+    ACTIVE_STATUSES,
+    Principal,
+    Release,
+    Round,
+    Run,
+    RunEvent,
+    Study,
+    utc_now,
+)
 from phds_tre.hub.schemas import (
     AuditVerifyOut,
     ErrorOut,
@@ -52,6 +70,8 @@ from phds_tre.hub.schemas import (
     PrincipalIn,
     PrincipalOut,
     ReleaseOut,
+    RoundIn,
+    RoundOut,
     RunEventOut,
     RunOut,
     StatusIn,
@@ -64,6 +84,7 @@ from phds_tre.hub.schemas import (
 from phds_tre.hub.store import Store
 from phds_tre.release.signing import key_id
 from phds_tre.release.verify import ReleaseInputError, verify_release
+from phds_tre.rounds import RoundError, check_round_parameters, parse_round, verify_round
 
 __all__ = ["MAX_RELEASE_BYTES", "NODE_TRANSITIONS", "Hub", "SiteNotifier", "create_app"]
 
@@ -121,17 +142,22 @@ node = Annotated[Caller, Depends(require("node"))]
 
 
 class SiteNotifier:
-    """Wakes the long-polls of one site when a run for it is queued (in this process).
+    """Wakes the long-polls of one site when a run for it is queued, in every hub process.
 
     Waiters may sit in different event loops (one per server worker, or per test
     client), so each registers its own event and a notification is delivered with
-    ``call_soon_threadsafe``; other hub processes are caught by the periodic re-check.
+    ``call_soon_threadsafe``. With a PostgreSQL store, :meth:`notify` also announces the
+    run to the other hub processes (``NOTIFY``), whose listeners call :meth:`heard`;
+    the long-poll's periodic re-check is the safety net when a notification is lost.
     """
 
-    def __init__(self) -> None:
-        """No waiters yet."""
+    def __init__(self, store: Store | None = None) -> None:
+        """No waiters yet; ``store`` carries announcements to other hub processes."""
         self._lock = threading.Lock()
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._store = store
+        #: Tells this process's own announcements (already delivered here) from others'.
+        self.origin = uuid.uuid4().hex
 
     @contextlib.contextmanager
     def waiting(self, site: str) -> Iterator[asyncio.Event]:
@@ -146,7 +172,18 @@ class SiteNotifier:
                 self._waiters.get(site, set()).discard(entry)
 
     def notify(self, site: str) -> None:
-        """Wake every waiter of ``site`` (callable from any thread)."""
+        """A run for ``site`` was queued: wake its waiters here and in other hub processes."""
+        self.wake(site)
+        if self._store is not None:
+            self._store.announce_queued([site], self.origin)
+
+    def heard(self, origin: str, site: str) -> None:
+        """An announcement from any hub process: wake the waiters here unless it was ours."""
+        if origin != self.origin:
+            self.wake(site)
+
+    def wake(self, site: str) -> None:
+        """Wake every waiter of ``site`` in this process (callable from any thread)."""
         with self._lock:
             waiters = list(self._waiters.get(site, ()))
         for loop, ev in waiters:
@@ -184,6 +221,7 @@ def _run_out(run: Run) -> RunOut:
         id=run.id,
         study_id=run.study_id,
         site=run.site,
+        round=run.round,
         status=run.status,
         cells_done=run.cells_done,
         cells_total=run.cells_total,
@@ -197,14 +235,21 @@ def _run_out(run: Run) -> RunOut:
     )
 
 
+def _sites(study: Study) -> list[str]:
+    """The study's sites, once each (a site has one run per round)."""
+    return list(dict.fromkeys(r.site for r in study.runs))
+
+
 def _study_out(study: Study) -> StudyOut:
     return StudyOut(
         id=study.id,
         title=study.title,
         researcher=study.researcher.name,
         created=study.created,
-        sites=[r.site for r in study.runs],
+        sites=_sites(study),
         bundle_sha256=study.bundle_sha256,
+        rounds=max((r.round for r in study.runs), default=1),
+        cancelled=study.cancelled_at is not None,
         runs=[_run_out(r) for r in study.runs],
     )
 
@@ -244,6 +289,14 @@ def _site_run(session: Session, run_id: str, caller: Caller) -> Run:
             403, "this node does not hold the run (claim it with POST /nodes/next)", subject=run_id
         )
     return run
+
+
+def _refuse_nul(request: Request) -> None:
+    """Every route: refuse a NUL character in the path or query (PostgreSQL text cannot hold one)."""
+    if "\x00" in request.url.path or any(
+        "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
+    ):
+        raise HubError(400, "the request URL contains a NUL character")
 
 
 async def _read_body(request: Request, limit: int, what: str, media: tuple[str, ...]) -> bytes:
@@ -391,10 +444,131 @@ def _submit_existing(hub: Hub, caller: Caller, study_id: str) -> tuple[StudyOut,
         return _study_out(existing), False
 
 
+def _submit_round(hub: Hub, caller: Caller, study_id: str, body: RoundIn) -> RoundOut:
+    """Verify and store follow-up round of the caller's study; one queued run per target site."""
+    with hub.store.session() as session:
+        study = _own_study(session, study_id, caller)
+        if study.cancelled_at is not None:
+            raise HubError(409, "the study is cancelled: no further rounds", subject=study_id)
+        manifest = StudyManifest.model_validate(json.loads(study.manifest_json))
+        latest = max((r.round for r in study.runs), default=1)
+        bundle_path = hub.path(study.bundle_path)
+    trusted = [parse_public_key(caller.public_key)] if caller.public_key else []
+    try:
+        signed = verify_round(body.model_dump(), trusted)
+    except RoundError as exc:
+        untrusted = "not a trusted key" in str(exc)
+        reason = "the round is not signed with your registered key" if untrusted else str(exc)
+        raise HubError(403 if untrusted else 400, reason, subject=study_id) from None
+    document = signed.document
+    if document.study_id != study_id:
+        raise HubError(
+            422, f"the round document is for study {document.study_id}", subject=study_id
+        )
+    if document.round <= latest:
+        raise HubError(
+            409, f"round {document.round} exists already (the latest is {latest})", subject=study_id
+        )
+    if document.round != latest + 1:
+        raise HubError(
+            422, f"the next round is {latest + 1}, not {document.round}", subject=study_id
+        )
+    outside = [s for s in document.sites if s not in manifest.sites]
+    if outside:
+        raise HubError(422, f"not sites of the study: {', '.join(outside)}", subject=study_id)
+    # The hub holds the notebook, so a parameter it does not declare (or of the wrong
+    # type) is refused here rather than after a trip to every site.
+    with zipfile.ZipFile(bundle_path) as archive:
+        notebook = nbformat.reads(archive.read(NOTEBOOK_MEMBER).decode("utf-8"), as_version=4)
+    problems = check_round_parameters(document, manifest, notebook)
+    if problems:
+        raise HubError(
+            422, "the round's parameters do not fit the notebook", problems, subject=study_id
+        )
+    now = utc_now()
+    run_ids: list[str] = []
+    try:
+        with hub.store.session() as session:
+            session.add(
+                Round(
+                    study_id=study_id,
+                    number=document.round,
+                    document_json=document.canonical_bytes().decode("utf-8"),
+                    signature_json=json.dumps(dict(signed.signature), sort_keys=True),
+                    key_id=signed.key_id,
+                    created=now,
+                )
+            )
+            session.flush()  # the unique (study, number) refuses a concurrent duplicate here
+            for site in document.sites:
+                run = Run(
+                    id=str(uuid.uuid4()),
+                    study_id=study_id,
+                    site=site,
+                    round=document.round,
+                    status="queued",
+                    cells_done=0,
+                    cells_total=0,
+                    created=now,
+                    updated=now,
+                    claims=0,
+                )
+                run_ids.append(run.id)
+                session.add(run)
+                session.add_all(
+                    [
+                        RunEvent(
+                            run_id=run.id,
+                            at=now,
+                            status="submitted",
+                            actor=caller.actor,
+                            detail=f"round {document.round}",
+                        ),
+                        RunEvent(
+                            run_id=run.id,
+                            at=now,
+                            status="queued",
+                            actor="hub",
+                            detail=f"round {document.round} verified",
+                        ),
+                    ]
+                )
+    except IntegrityError:
+        raise HubError(409, f"round {document.round} exists already", subject=study_id) from None
+    hub.record(
+        caller.actor,
+        "submission",
+        study_id,
+        event="round_submitted",
+        round=document.round,
+        sites=document.sites,
+        key_id=signed.key_id,
+    )
+    for site in document.sites:
+        hub.notifier.notify(site)
+    with hub.store.session() as session:
+        runs = session.scalars(
+            select(Run)
+            .where(Run.id.in_(run_ids))
+            .order_by(Run.site)
+            .options(selectinload(Run.events))
+        ).all()
+        return RoundOut(
+            study_id=study_id,
+            round=document.round,
+            sites=document.sites,
+            key_id=signed.key_id,
+            created=now,
+            runs=[_run_out(r) for r in runs],
+        )
+
+
 def _cancel(hub: Hub, caller: Caller, study_id: str) -> StudyOut:
     with hub.store.session() as session:
         study = _own_study(session, study_id, caller)
         runs = [(r.id, r.status, r.site) for r in study.runs]
+        if study.cancelled_at is None:  # no further rounds from now on
+            study.cancelled_at = utc_now()
     cancelled = []
     for run_id, status, site in runs:
         # Compare-and-set; a node may move the run meanwhile, so retry from what it is now.
@@ -421,12 +595,30 @@ def _claim(hub: Hub, caller: Caller) -> NextRunOut | None:
             select(Run).where(Run.id == run_id).options(selectinload(Run.events))
         ).one()
         manifest = StudyManifest.model_validate(json.loads(run.study.manifest_json))
+        parameters = manifest.parameters_for(run.site)
+        follow_up: dict[str, Any] = {}
+        if run.round > 1:
+            # The node verifies the signed round document itself; parameters are a hint.
+            stored = session.scalars(
+                select(Round).where(Round.study_id == run.study_id, Round.number == run.round)
+            ).one()
+            document = json.loads(stored.document_json)
+            try:
+                parameters = parse_round(document).parameters_for(manifest, run.site)
+            except RoundError:  # a stored document that no longer fits: the node refuses it
+                parameters = {}
+            follow_up = {
+                "round_document": document,
+                "round_signature": json.loads(stored.signature_json),
+            }
         out = NextRunOut(
             run=_run_out(run),
             study_id=run.study_id,
-            parameters=manifest.parameters_for(run.site),
+            parameters=parameters,
             bundle_url=f"/nodes/bundles/{run.study_id}",
             lease_until=run.lease_until or utc_now(),
+            round=run.round,
+            **follow_up,
         )
     hub.record(caller.actor, "run_started", run_id, event="run_claimed", study=out.study_id)
     return out
@@ -462,7 +654,20 @@ def _update_status(hub: Hub, caller: Caller, run_id: str, body: StatusIn) -> Run
         raise HubError(
             409, "the run changed meanwhile (cancelled?); fetch it again", subject=run_id
         )
-    if body.status != current:
+    if body.status == current and body.detail:
+        # The same status with something to say (a re-run after the node was interrupted):
+        # the history keeps it, as set_status writes history only when the status changes.
+        with hub.store.session() as session:
+            session.add(
+                RunEvent(
+                    run_id=run_id,
+                    at=utc_now(),
+                    status=current,
+                    actor=caller.actor,
+                    detail=body.detail,
+                )
+            )
+    if body.status != current or body.detail:
         hub.record(
             caller.actor,
             _STATUS_ACTION[body.status],
@@ -479,7 +684,7 @@ def _update_status(hub: Hub, caller: Caller, run_id: str, body: StatusIn) -> Run
 def _release(hub: Hub, caller: Caller, run_id: str, data: bytes) -> ReleaseOut:
     with hub.store.session() as session:
         run = _site_run(session, run_id, caller)
-        status, study_id = run.status, run.study_id
+        status, study_id, round_number = run.status, run.study_id, run.round
         if session.scalars(select(Release.id).where(Release.run_id == run_id)).first():
             raise HubError(
                 409, "this run already has a release: nothing is released twice", subject=run_id
@@ -513,9 +718,11 @@ def _release(hub: Hub, caller: Caller, run_id: str, data: bytes) -> ReleaseOut:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     # The signature says the site made it; these say it was made for this run's study and
     # site, so a release cannot be replayed against another study.
+    # A release made before rounds existed names no round: it is round 1.
+    manifest.setdefault("round", 1)
     wrong = [
         f"manifest {name} is {manifest.get(name)!r}, expected {want!r}"
-        for name, want in (("study_id", study_id), ("site", caller.site))
+        for name, want in (("study_id", study_id), ("site", caller.site), ("round", round_number))
         if manifest.get(name) != want
     ]
     if wrong:
@@ -590,20 +797,36 @@ def create_app(
     data_dir = Path(data_dir)
     for sub in ("blobs", "releases", "tmp"):
         (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    store = Store(db_url)
     hub = Hub(
-        store=Store(db_url),
+        store=store,
         data_dir=data_dir,
         audit=AuditLog(data_dir / "audit.sqlite"),
+        notifier=SiteNotifier(store),
         poll_interval_s=poll_interval_s,
         lease_s=lease_s,
         max_study_bytes=max_study_bytes,
         max_release_bytes=max_release_bytes,
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Runs queued through other hub processes (PostgreSQL LISTEN); returns on SQLite.
+        watcher = asyncio.create_task(store.watch_queued(hub.notifier.heard))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
     app = FastAPI(
         title="phds_tre hub",
         version="1",
         description=__doc__,
         responses=_REFUSALS,
+        lifespan=lifespan,
+        dependencies=[Depends(_refuse_nul)],
     )
     app.state.hub = hub
 
@@ -636,7 +859,26 @@ def create_app(
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
         ]
-        return await refused(request, HubError(422, "invalid request", problems))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        reason = f"invalid request: {problems[0]}{more}" if problems else "invalid request"
+        return await refused(request, HubError(422, reason, problems))
+
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (a NUL in a JSON string, text longer than its column
+        # on PostgreSQL) is the client's input, not a server fault.
+        problem = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
+        return await refused(request, HubError(422, f"a value cannot be stored: {problem}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's and Starlette's own refusals (a body that cannot be decoded, an unknown
+        # route or method) get the hub's error shape and an audit entry like every other.
+        reason = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in reason:
+            reason = "the request body cannot be decoded (expected UTF-8 JSON)"
+        headers = dict(exc.headers) if exc.headers else None
+        return await refused(request, HubError(exc.status_code, reason, headers=headers))
 
     @app.get("/health", tags=["hub"])
     def health() -> HealthOut:
@@ -746,7 +988,7 @@ def create_app(
                     title=s.title,
                     researcher=s.researcher.name,
                     created=s.created,
-                    sites=[r.site for r in s.runs],
+                    sites=_sites(s),
                 )
                 for s in studies
             ]
@@ -761,6 +1003,25 @@ def create_app(
     def cancel_study(study_id: str, caller: researcher) -> StudyOut:
         """Cancel every run of the study that has not finished."""
         return _cancel(hub, caller, study_id)
+
+    @app.post("/studies/{study_id}/rounds", status_code=201, tags=["researcher"])
+    def submit_round(study_id: str, body: RoundIn, caller: researcher) -> RoundOut:
+        """Submit a signed follow-up round (same notebook, new parameters); one run per site."""
+        return _submit_round(hub, caller, study_id, body)
+
+    @app.get(
+        "/studies/{study_id}/bundle",
+        tags=["researcher"],
+        response_class=FileResponse,
+        responses={200: {"content": {"application/zip": {}}}},
+    )
+    def study_bundle(study_id: str, caller: researcher) -> FileResponse:
+        """The caller's own study bundle (to build a round's parameters against its notebook)."""
+        with hub.store.session() as session:
+            path = _own_study(session, study_id, caller).bundle_path
+        return FileResponse(
+            hub.path(path), media_type="application/zip", filename=f"{study_id}.zip"
+        )
 
     @app.get(
         "/runs/{run_id}/release",
@@ -798,6 +1059,7 @@ def create_app(
         responses={204: {"description": "Nothing for this site arrived in time"}},
     )
     async def next_run(
+        request: Request,
         caller: node,
         wait: Annotated[int, Query(ge=0, le=60, description="seconds to wait")] = 25,
     ) -> NextRunOut | Response:
@@ -810,6 +1072,10 @@ def create_app(
                 # Cleared before looking, so a submission between the look and the wait
                 # still wakes us; the timeout re-checks for other hub processes' runs.
                 arrived.clear()
+                if await request.is_disconnected():
+                    # The node gave up on this poll (a dropped connection): a run claimed
+                    # now would never reach it and would stay leased to it for lease_s.
+                    return Response(status_code=204)
                 found = await run_in_threadpool(_claim, hub, caller)
                 if found is not None:
                     return found

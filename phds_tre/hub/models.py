@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -31,6 +32,7 @@ __all__ = [
     "Base",
     "Principal",
     "Release",
+    "Round",
     "Run",
     "RunEvent",
     "Study",
@@ -142,20 +144,27 @@ class Study(Base):
     #: The manifest as canonical JSON text (so parameters need no re-read of the zip).
     manifest_json: Mapped[str] = mapped_column(Text)
     created: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utc_now)
+    #: When the researcher cancelled the study (no further rounds); None while it is open.
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     researcher: Mapped[Principal] = relationship()
-    runs: Mapped[list[Run]] = relationship(back_populates="study", order_by="Run.site")
+    runs: Mapped[list[Run]] = relationship(back_populates="study", order_by="[Run.round, Run.site]")
 
 
 class Run(Base):
     """One study at one site: its status, progress and the node's claim (lease)."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_site_status_created", "site", "status", "created"),)
+    __table_args__ = (
+        Index("ix_runs_site_status_created", "site", "status", "created"),
+        Index("ix_runs_study_id_round", "study_id", "round"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
     site: Mapped[str] = mapped_column(String(64))
+    #: 1 for the study as submitted; 2, 3, ... for follow-up rounds (see :class:`Round`).
+    round: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     status: Mapped[str] = mapped_column(String(32))
     cells_done: Mapped[int] = mapped_column(Integer, default=0)
     cells_total: Mapped[int] = mapped_column(Integer, default=0)
@@ -168,6 +177,22 @@ class Run(Base):
 
     study: Mapped[Study] = relationship(back_populates="runs")
     events: Mapped[list[RunEvent]] = relationship(order_by="RunEvent.id")
+
+
+class Round(Base):
+    """A follow-up round (2, 3, ...) of a study: the researcher's signed round document."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("study_id", "number", name="uq_rounds_study_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    #: The round document as canonical JSON text, and its signature document (JSON).
+    document_json: Mapped[str] = mapped_column(Text)
+    signature_json: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utc_now)
 
 
 class RunEvent(Base):

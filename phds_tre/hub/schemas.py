@@ -15,6 +15,8 @@ __all__ = [
     "PrincipalIn",
     "PrincipalOut",
     "ReleaseOut",
+    "RoundIn",
+    "RoundOut",
     "RunEventOut",
     "RunOut",
     "StatusIn",
@@ -120,6 +122,8 @@ class RunOut(BaseModel):
     id: str
     study_id: str
     site: str
+    #: 1 for the study as submitted; 2, 3, ... for follow-up rounds.
+    round: int = 1
     status: str
     cells_done: int
     cells_total: int
@@ -143,6 +147,10 @@ class StudyOut(StudySummary):
     """A study with its runs."""
 
     bundle_sha256: str
+    #: The latest round number (1 until a follow-up round is submitted).
+    rounds: int = 1
+    #: The researcher cancelled the study: no further rounds.
+    cancelled: bool = False
     runs: list[RunOut]
 
 
@@ -154,6 +162,10 @@ class NextRunOut(BaseModel):
     parameters: dict[str, Any]
     bundle_url: str
     lease_until: dt.datetime
+    #: For a follow-up round: the researcher's signed round document (the node verifies it).
+    round: int = 1
+    round_document: dict[str, Any] | None = None
+    round_signature: dict[str, Any] | None = None
 
 
 class StatusIn(_In):
@@ -173,3 +185,21 @@ class ReleaseOut(BaseModel):
     sha256: str
     files: int
     created: dt.datetime
+
+
+class RoundIn(_In):
+    """A follow-up round: the round document and the researcher's signature over it."""
+
+    document: dict[str, Any] = Field(description="the round document (phds.round/1)")
+    signature: dict[str, Any] = Field(description="Ed25519 signature document, as for bundles")
+
+
+class RoundOut(BaseModel):
+    """A stored follow-up round with its new runs (one per target site)."""
+
+    study_id: str
+    round: int
+    sites: list[str]
+    key_id: str
+    created: dt.datetime
+    runs: list[RunOut]

@@ -12,8 +12,11 @@ uploaded (a 409 "already has a release" counts as done), and a status the hub wa
 told is reported. While the hub is away every request is retried with exponential
 back-off and jitter; the agent never crashes on the network.
 
-Outputs held for review stay at the site (``out/executed.ipynb``, ``out/checked.ipynb``);
-the uploaded release carries placeholders for them.
+A run with outputs held for review uploads nothing: it waits in the site's review queue
+(:mod:`phds_tre.node.review`; the hub sees ``awaiting_review``) until a reviewer has
+decided every held output and released it; then the agent rebuilds the release with the
+decisions, signs it and uploads it once. Executed notebooks of finished runs are deleted
+after the site's retention period (:mod:`phds_tre.node.retention`), at start and hourly.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from phds_tre.audit import AuditLog
 from phds_tre.bundle import BundleError, StudyBundle, read_bundle
+from phds_tre.execute.parameters import ParameterError, validate_parameters
 from phds_tre.node.state import ACTIVE, LocalRun, NodeState
+from phds_tre.rounds import RoundError, verify_round
 from phds_tre.run import RunError, SiteRun
 from phds_tre.site_policy import SitePolicy
 
@@ -59,6 +64,12 @@ log = logging.getLogger("phds_tre.node")
 
 #: Longest reason sent to the hub or logged.
 _REASON_CHARS = 500
+#: Local statuses of a run that was executed and checked at this site.
+_RAN = frozenset({"awaiting_review", "reviewed", "releasing", "uploaded"})
+#: Local statuses in which a run waits for a person at the site.
+_AWAITING_PERSON = ("awaiting_review", "awaiting_approval")
+#: Long-poll wait (s) while a run waits for a person, so their decision is acted on soon.
+_PERSON_POLL_S = 1
 
 
 class HubUnavailable(Exception):
@@ -127,29 +138,47 @@ class _NodeRun(SiteRun):
         return super().check(executed)
 
 
-def approve_run(work_dir: Path, run_id: str, actor: str = "site-admin") -> LocalRun:
-    """The site admin approves a run awaiting approval; the agent re-runs it (``approved``).
+def approve_run(
+    work_dir: Path, run_id: str, comment: str = "", *, admin: str = "unknown"
+) -> LocalRun:
+    """Site admin ``admin`` approves a run awaiting approval; the agent re-runs it (``approved``).
 
     Only the local state changes here; the running agent picks the run up on its next turn.
-    Raises :class:`~phds_tre.node.state.StateError` unless the run awaits approval.
+    Raises :class:`~phds_tre.node.state.StateError` unless the run awaits approval, and
+    ``ValueError`` for a blank admin name (``phds site approve`` always names one; the
+    audit entry says ``site-admin:<admin>``).
     """
+    admin = _one_line(admin, 200)
+    if not admin:
+        raise ValueError("no site admin name: give --admin or set PHDS_SITE_ADMIN")
     state = NodeState(Path(work_dir) / "node.sqlite")
     run = state.move(run_id, "approved", expect={"awaiting_approval"}, reset_attempts=True)
     AuditLog(Path(work_dir) / "audit.sqlite").append(
-        actor, "approval", run_id, {"event": "run_approved", "study": run.study_id}
+        f"site-admin:{admin}",
+        "approval",
+        run_id,
+        {"event": "run_approved", "study": run.study_id, "comment": _one_line(comment)},
     )
     return run
 
 
-def reject_run(work_dir: Path, run_id: str, reason: str, actor: str = "site-admin") -> LocalRun:
-    """The site admin rejects a run awaiting approval; the agent tells the hub on its next turn."""
+def reject_run(
+    work_dir: Path, run_id: str, comment: str = "", *, admin: str = "unknown"
+) -> LocalRun:
+    """Site admin ``admin`` rejects a run awaiting approval; the agent tells the hub next turn."""
+    admin = _one_line(admin, 200)
+    if not admin:
+        raise ValueError("no site admin name: give --admin or set PHDS_SITE_ADMIN")
     state = NodeState(Path(work_dir) / "node.sqlite")
-    detail = _one_line(f"rejected by the site: {reason}" if reason else "rejected by the site")
+    detail = _one_line(f"rejected by the site: {comment}" if comment else "rejected by the site")
     run = state.move(
         run_id, "rejected", expect={"awaiting_approval"}, detail=detail, reported=False
     )
     AuditLog(Path(work_dir) / "audit.sqlite").append(
-        actor, "rejection", run_id, {"event": "run_rejected_by_site", "reason": detail}
+        f"site-admin:{admin}",
+        "rejection",
+        run_id,
+        {"event": "run_rejected_by_site", "reason": detail},
     )
     return run
 
@@ -203,6 +232,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self._pool: Any = None
         self._resumed = False
+        self._purged_at: float | None = None  # monotonic time of the last retention purge
         self._client = httpx.Client(
             base_url=self.hub_url,
             headers={"Authorization": f"Bearer {token}"},
@@ -280,8 +310,15 @@ class NodeAgent:
         """
         if not self._resumed:
             self.resume()
+        self.purge_if_due()
         self._pending()
-        claim = self._claim(self.poll_wait if wait is None else wait)
+        if wait is None:
+            wait = self.poll_wait
+            # While a run waits for a person (a reviewer's release, a site admin's
+            # approval), come back soon: the long-poll only wakes for new hub work.
+            if self.state.runs(_AWAITING_PERSON):
+                wait = min(wait, _PERSON_POLL_S)
+        claim = self._claim(wait)
         if claim is None:
             return None
         self.process(claim)
@@ -380,10 +417,29 @@ class NodeAgent:
         for run in self.state.runs({"releasing"}):
             self._upload(run)
 
+    #: Seconds between retention purges while serving.
+    PURGE_INTERVAL_S = 3600.0
+
+    def purge_if_due(self) -> None:
+        """Delete expired executed notebooks (at start, then every ``PURGE_INTERVAL_S``)."""
+        now = time.monotonic()
+        if self._purged_at is not None and now - self._purged_at < self.PURGE_INTERVAL_S:
+            return
+        from phds_tre.node.retention import purge_executed
+
+        self._purged_at = now
+        days = self.site_policy.retention.executed_days
+        for purged in purge_executed(self.state, self.audit, days, actor=self.actor):
+            log.info("run %s: executed notebooks purged after %d days", purged.run_id, days)
+
     def _pending(self) -> None:
         for run in self.state.unreported():
             status = "awaiting_approval" if run.status == "awaiting_approval" else run.status
             self._report(run, status, run.detail)
+        for run in self.state.runs({"reviewed"}):
+            self._build_reviewed(run)
+        for run in self.state.runs({"releasing"}):
+            self._upload(run)
         for run in self.state.runs({"approved"}):
             self._start(run, approved=True)
 
@@ -394,6 +450,15 @@ class NodeAgent:
         study_id = str(claim["study_id"])
         out_dir = self.work_dir / "runs" / run_id / "out"
         run, new = self.state.claim(run_id, study_id, out_dir, claim.get("parameters") or {})
+        if new and int(claim.get("round") or 1) > 1:
+            # Kept beside the run (verified in _start, again after a restart).
+            self._round_file(run).parent.mkdir(parents=True, exist_ok=True)
+            follow_up = {
+                "round": claim.get("round"),
+                "document": claim.get("round_document"),
+                "signature": claim.get("round_signature"),
+            }
+            self._round_file(run).write_text(json.dumps(follow_up), encoding="utf-8")
         self._record("run_started", run_id, event="run_claimed", study=study_id)
         log.info("run %s of study %s claimed", run_id, study_id[:12])
         if not new and run.status not in ACTIVE:
@@ -441,6 +506,11 @@ class NodeAgent:
         except HubRefused as exc:
             self._fail(run, f"the hub refused the bundle download: {exc.reason}")
             return
+        try:
+            number, parameters = self._round(run, bundle)
+        except RoundError as exc:
+            self._reject(run, _one_line(f"round refused: {exc}"), event="round_refused")
+            return
         self._record("submission", run.run_id, event="bundle_verified", key_id=bundle.key_id)
         notebook = run.out_dir.parent / "notebook.ipynb"
         notebook.write_bytes(bundle.notebook)
@@ -449,6 +519,9 @@ class NodeAgent:
         run = self.state.move(
             run.run_id, "running", expect={"claimed", "running", "approved"}, attempt=True
         )
+        if number > 1 and not approved and not self._later_round_runs(run):
+            self._hold_round(run, number)
+            return
         last_post = [0.0]
         cells_total = [0]  # the executed notebook may hold one more cell (injected parameters)
 
@@ -456,7 +529,16 @@ class NodeAgent:
             if stage == "execute":
                 cells_total[0] = cells
                 self._record("run_started", run.run_id, event="execution_started", cells=cells)
-                self._status(run.run_id, "running", cells_done=0, cells_total=cells)
+                rerun = (
+                    f"re-run after an interruption (attempt {run.attempts} of {self.max_attempts})"
+                )
+                self._status(
+                    run.run_id,
+                    "running",
+                    cells_done=0,
+                    cells_total=cells,
+                    detail=rerun if run.attempts > 1 else None,
+                )
             else:
                 total = max(cells_total[0], cells)
                 self._record("run_finished", run.run_id, event="execution_finished")
@@ -481,12 +563,13 @@ class NodeAgent:
             notebook_path=notebook,
             site_dir=self.data_dir,
             out_dir=run.out_dir,
-            parameters=bundle.parameters_for(self.site),
+            parameters=parameters,
             site_policy=self.site_policy,
             site_name=self.site,
             key_path=self.key_path,
             approved=approved,
             study_id=run.study_id,
+            round=number,
             progress=progress,
             echo=lambda line: log.info("run %s: %s", run.run_id, line),
             pool=self.pool,
@@ -505,6 +588,84 @@ class NodeAgent:
             return
         self._finished(run, record)
 
+    # -- follow-up rounds -------------------------------------------------------------
+    @staticmethod
+    def _round_file(run: LocalRun) -> Path:
+        """``runs/<run>/round.json``: the signed round document of a follow-up run."""
+        return run.out_dir.parent / "round.json"
+
+    def _round_of(self, run: LocalRun) -> int:
+        path = self._round_file(run)
+        if not path.exists():
+            return 1
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return int(json.loads(path.read_text(encoding="utf-8")).get("round"))
+        return 0
+
+    def _round(self, run: LocalRun, bundle: StudyBundle) -> tuple[int, dict[str, Any]]:
+        """The run's round and parameters, from the bundle (round 1) or the signed round.
+
+        A follow-up round's document is verified here against the researcher keys the
+        site accepted (the hub's parameters are never used): signed by the study's own
+        key, for this very study (so the same notebook), naming this site, not a round
+        this node ran already, and with parameters the notebook's ``parameters`` cell
+        declares. Raises :class:`RoundError`.
+        """
+        path = self._round_file(run)
+        if not path.exists():
+            return 1, bundle.parameters_for(self.site)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RoundError(f"unreadable round document ({exc})") from None
+        signed = verify_round(data, self.trusted_keys, study_id=bundle.study_id)
+        document = signed.document
+        if signed.key_id != bundle.key_id:
+            raise RoundError("the round is signed with another key than the study")
+        if document.round != data.get("round"):
+            raise RoundError(f"run of round {data.get('round')} carries round {document.round}")
+        if self.site not in document.sites:
+            raise RoundError(f"round {document.round} does not name this site ({self.site})")
+        for other in self.state.runs():
+            if (
+                other.run_id != run.run_id
+                and other.study_id == run.study_id
+                and self._round_of(other) == document.round
+            ):
+                raise RoundError(f"round {document.round} was handed out before ({other.run_id})")
+        parameters = document.parameters_for(bundle.manifest, self.site)
+        try:
+            nb = nbformat.reads(bundle.notebook.decode("utf-8"), as_version=4)
+            validate_parameters(nb, parameters)
+        except ParameterError as exc:
+            raise RoundError(f"parameters: {exc}") from None
+        return document.round, parameters
+
+    def _later_round_runs(self, run: LocalRun) -> bool:
+        """A later round runs without fresh approval (the code gate still applies)?
+
+        Only when the site policy says ``later_rounds = "auto"`` and round 1 of the same
+        study ran at this site (it was executed and checked, with or without approval).
+        """
+        if self.site_policy.approval.later_rounds != "auto":
+            return False
+        return any(
+            other.study_id == run.study_id and self._round_of(other) == 1
+            for other in self.state.runs(_RAN)
+        )
+
+    def _hold_round(self, run: LocalRun, number: int) -> None:
+        """Round ``number`` waits for the site admin, like a new study's code-gate approval."""
+        why = (
+            "the site approves every later round"
+            if self.site_policy.approval.later_rounds != "auto"
+            else "round 1 of the study did not run at this site"
+        )
+        detail = f"round {number}: {why} — the site admin approves or rejects it"
+        waiting = self.state.move(run.run_id, "awaiting_approval", detail=detail, reported=False)
+        self._record("verdict", run.run_id, event="awaiting_approval", round=number, why=why)
+        self._report(waiting, "awaiting_approval", detail)
+
     def _finished(self, run: LocalRun, record: Mapping[str, Any]) -> None:
         status = record.get("status")
         if status == "blocked":
@@ -519,25 +680,53 @@ class NodeAgent:
         elif status in ("released", "awaiting_review"):
             counts = (record.get("release") or {}).get("counts", {})
             self._record("verdict", run.run_id, event="checked", status=status, counts=counts)
+            if status == "awaiting_review":
+                self._hold(run, counts)
+                return
             releasing = self.state.move(run.run_id, "releasing", detail=str(status))
             self._upload(releasing)
         else:
             error = record.get("error") or f"the run ended {status}"
             self._fail(run, _one_line(f"{status}: {error}" if status != "failed" else error))
 
-    def _upload(self, run: LocalRun) -> None:
-        """Upload ``out/release/`` once; a 409 'already has a release' means it was done."""
-        record = json.loads((run.out_dir / "run.json").read_text(encoding="utf-8"))
-        held = record.get("status") == "awaiting_review"
-        final = "awaiting_review" if held else "uploaded"
-        if held:
-            counts = (record.get("release") or {}).get("counts", {})
-            self._status(
-                run.run_id,
-                "awaiting_review",
-                detail=f"{counts.get('held', 0)} output(s) held at the site for review",
+    # -- the review queue (phds_tre.node.review) ---------------------------------------
+    def _hold(self, run: LocalRun, counts: Mapping[str, Any]) -> None:
+        """Park a run with held outputs in the review queue; nothing is uploaded."""
+        from phds_tre.node.review import open_review
+
+        detail = f"{counts.get('held', 0)} output(s) held at the site for review"
+        waiting = open_review(self.state, run, detail)
+        self._record("verdict", run.run_id, event="held_for_review", held=counts.get("held", 0))
+        self._report(waiting, "awaiting_review", detail)
+
+    def _build_reviewed(self, run: LocalRun) -> None:
+        """A reviewer released the run: rebuild with the decisions, sign, then upload once."""
+        from phds_tre.node.review import build_reviewed_release
+        from phds_tre.release.manifest import sha256_file
+
+        try:
+            path = build_reviewed_release(
+                self.state, run, self.site_policy, self.data_dir, self.key_path
             )
-        data = zip_release(run.out_dir / "release")
+        except Exception as exc:  # the node's own fault: the type only (messages may hold data)
+            log.exception("run %s: the reviewed release could not be built", run.run_id)
+            self._fail(run, f"the reviewed release could not be built: {type(exc).__name__}")
+            return
+        manifest = sha256_file(path / "manifest.json")
+        self._record("release", run.run_id, event="reviewed_release_signed", manifest=manifest)
+        self._upload(self.state.move(run.run_id, "releasing", detail="reviewed release built"))
+
+    def _upload(self, run: LocalRun) -> None:
+        """Upload the release once; a 409 'already has a release' means it was done."""
+        from phds_tre.node.review import REVIEWED_DIR, release_dir
+
+        record = json.loads((run.out_dir / "run.json").read_text(encoding="utf-8"))
+        if record.get("status") == "awaiting_review" and not (run.out_dir / REVIEWED_DIR).exists():
+            # Built before the review queue existed and never uploaded: review it first.
+            self._hold(run, (record.get("release") or {}).get("counts", {}))
+            return
+        final = "uploaded"
+        data = zip_release(release_dir(run.out_dir))
         digest = hashlib.sha256(data).hexdigest()
         try:
             self._request(
