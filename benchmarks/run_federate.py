@@ -9,7 +9,7 @@ A real network on loopback, one process per part as in production: ``phds hub se
 (SQLite) and one ``phds node serve`` per synthetic hospital, each with its own pre-started
 kernel pool and a site policy with ``[approval] later_rounds = "auto"``. The researcher's
 side is :func:`phds_tre.federate.run_glm` with the study notebook
-``notebooks/federated_glm_round.ipynb`` (PICU sepsis mortality, ``died ~ lactate + age +
+``notebooks/sepsis_logistic.ipynb`` (PICU sepsis mortality, ``died ~ lactate + age +
 C(sex)``), one signed follow-up round per IRLS iteration until statsmodels' convergence.
 
 Per round it records the wall time (from submitting the round to the model's update with
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from net_harness import PHDS, HubProcess, bootstrap  # noqa: E402
 
-NOTEBOOK = ROOT / "notebooks" / "federated_glm_round.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "sepsis_logistic.ipynb"
 FORMULA = "died ~ lactate + age + C(sex)"
 LEVELS = {"sex": ["F", "M"]}
 #: The synthetic hospital left out: its cohort has fewer than 10 deaths, so its share is

@@ -335,3 +335,55 @@ def test_closed_pool_refuses(site_dir: Path, tmp_path: Path) -> None:
     pool.close()
     with pytest.raises(SandboxError, match="closed"):
         pool.acquire(tmp_path, {})
+
+
+def _kernels_of(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_kernels_die_with_a_killed_node(tmp_path: Path, site_dir: Path) -> None:
+    """A node killed with SIGKILL must not leave its sandboxed kernels running."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    code = (
+        "import sys, time\n"
+        "from phds_tre.execute import KernelPool\n"
+        "from phds_tre.site_policy import ExecutionLimits\n"
+        "pool = KernelPool(size=2, limits=ExecutionLimits(),"
+        f" site_env={{'PHDS_SITE_DIR': {str(site_dir)!r}}})\n"
+        "while len(pool._ready) < 2: time.sleep(0.1)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    node = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": marker},
+    )
+    try:
+        assert node.stdout is not None and node.stdout.readline().strip() == "ready"
+        assert len(_kernels_of(marker)) >= 2  # kernels (and their wrappers) are running
+        node.send_signal(signal.SIGKILL)
+        node.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _kernels_of(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _kernels_of(marker) == []
+    finally:
+        node.kill()
+        for pid in _kernels_of(marker):
+            os.kill(pid, 9)

@@ -34,7 +34,7 @@ from phds_tre.node import NodeAgent
 from phds_tre.release.signing import generate_key, load_public_key
 from phds_tre.site_policy import ApprovalPolicy, SitePolicy
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "federated_glm_round.ipynb"
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "sepsis_logistic.ipynb"
 FORMULA = "died ~ lactate + age + C(sex)"
 LEVELS = {"sex": ["F", "M"]}
 #: Left out: its cohort has fewer than 10 deaths, so its share is withheld and the GLM

@@ -19,6 +19,7 @@ STUDIES = {
     "example.ipynb": {"mortality_model"},
     "benchmarking.ipynb": {"sepsis_outcome"},
     "haemophilia_feasibility.ipynb": {"haemophilia_by_age"},
+    "sepsis_logistic.ipynb": {"site_model", "glm_round"},
 }
 
 

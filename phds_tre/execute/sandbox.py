@@ -86,6 +86,7 @@ its view (the project's own source included, when installed editable); no seccom
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -564,10 +565,26 @@ def _make_cgroup(base: Path | None, max_tasks: int) -> tuple[Path | None, str]:
     return group, f"pids cgroup {group} with pids.max={max_tasks}"
 
 
+#: prctl option: the signal a process gets when the thread that started it dies.
+_PR_SET_PDEATHSIG = 1
+
+
 def _preexec(memory_bytes: int, cgroup_procs: str | None) -> Callable[[], None]:
-    """Run in the child between fork and exec: only setrlimit and one write (no locks)."""
+    """Run in the child between fork and exec: setrlimit, prctl and one write (no locks).
+
+    PR_SET_PDEATHSIG: when the process (thread) that started the kernel dies — a node
+    killed with SIGKILL, say — the kernel's wrapper gets SIGKILL, and ``unshare
+    --kill-child`` takes the kernel with it. Without it a crashed node leaves its
+    sandboxed kernels running (they ignore SIGTERM). The kernel pool starts kernels
+    from its filler thread, which lives until the pool closes.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no dlopen in the child
+    parent = os.getpid()
 
     def apply() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of patient data
         if cgroup_procs is not None:

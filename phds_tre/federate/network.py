@@ -11,7 +11,7 @@ signed again) until the fit converges::
     from phds_tre.client import ClientConfig, Hub
 
     with Hub.from_config(ClientConfig.load()) as hub:
-        fit = federate.run_glm(hub, "notebooks/federated_glm_round.ipynb",
+        fit = federate.run_glm(hub, "notebooks/sepsis_logistic.ipynb",
                                ["site_a", "site_b", "site_c"],
                                "died ~ lactate + age + C(sex)", "binomial",
                                levels={"sex": ["F", "M"]})
@@ -183,7 +183,7 @@ def run_glm(
 
     ``notebook`` declares the ``glm_state`` parameter and shares
     ``federate.glm_round(cohort, glm_state)`` as ``"glm_round"`` (see
-    ``notebooks/federated_glm_round.ipynb``); ``parameters`` are its other parameters,
+    ``notebooks/sepsis_logistic.ipynb``); ``parameters`` are its other parameters,
     for every site and every round. ``key`` signs the study and each round (default: the
     client configuration's key). With ``site_keys`` every release must be signed by its
     site's key. Releases are kept under ``work_dir/round-N/`` (a temporary folder by
