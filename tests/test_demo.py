@@ -50,10 +50,24 @@ def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True
     studies = summary["studies"]
-    assert set(studies) == {"example.ipynb", "benchmarking.ipynb", "haemophilia_feasibility.ipynb"}
-    for entry in studies.values():
-        assert set(entry["runs"].values()) == {"released"}
+    assert set(studies) == {
+        "example.ipynb",
+        "benchmarking.ipynb",
+        "haemophilia_feasibility.ipynb",
+        "sepsis_logistic.ipynb",
+    }
+    for name, entry in studies.items():
+        if name != "sepsis_logistic.ipynb":  # rounds: checked below
+            assert set(entry["runs"].values()) == {"released"}
         assert entry["verified"] and entry["complete"]
+
+    # The federated logistic regression converged through follow-up rounds and equals
+    # statsmodels on the pooled rows (the demo holds the synthetic data to show it).
+    glm = studies["sepsis_logistic.ipynb"]
+    assert glm["equal_to_pooled"] is True
+    assert glm["combined"]["pooled_check"]["max_relative_difference"] < 1e-6
+    assert len(glm["combined"]["rounds"]) == glm["combined"]["iterations"] + 1
+    assert "hospital_c_girona" in glm["withheld"]  # too few deaths: named, not used
 
     # At least one output was held and decided by the demo reviewer, with a comment.
     decisions = [d for e in studies.values() for d in e["decisions"]]
@@ -63,7 +77,7 @@ def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None
     # Every downloaded release verifies against its hospital's key, and an approved
     # output is in the released notebook.
     releases = sorted((out / "results").glob("*/*/release"))
-    assert len(releases) == 9
+    assert len(releases) == 9  # three studies at three hospitals (rounds are kept apart)
     approved_states = []
     for release in releases:
         assert verify_release(release).ok, release
@@ -82,6 +96,7 @@ def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None
         "benchmarking_funnel.png",
         "mortality_lactate_forest.png",
         "haemophilia_pooled.png",
+        "sepsis_glm_forest.png",
     } <= set(summary["figures"])
     for name in (n for n in summary["figures"] if n.endswith(".png")):
         assert (out / "figures" / name).stat().st_size > 1000
