@@ -34,11 +34,19 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import nbformat
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from phds_tre.execute.parameters import ParameterError, validate_parameters
 from phds_tre.release.signing import (
@@ -95,6 +103,49 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _utc_timestamp(value: str) -> str:
+    if not _CREATED_RE.fullmatch(value):
+        raise ValueError("must be a UTC time as YYYY-MM-DDTHH:MM:SSZ")
+    try:
+        dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise ValueError("is not a valid date and time") from None
+    return value
+
+
+def _site_names(value: list[str]) -> list[str]:
+    for site in value:
+        if not _SITE_RE.fullmatch(site):
+            raise ValueError(f"site name {site!r} must match [a-z0-9_]{{1,64}}")
+    if len(set(value)) != len(value):
+        raise ValueError("a site is listed twice")
+    return value
+
+
+def _sha256_hex(value: str) -> str:
+    if not _SHA256_RE.fullmatch(value):
+        raise ValueError("must be 64 lower-case hex digits")
+    return value
+
+
+#: Field types shared by the signed documents (study manifests and round documents).
+UtcTimestamp = Annotated[str, AfterValidator(_utc_timestamp)]
+SiteNames = Annotated[list[str], Field(min_length=1), AfterValidator(_site_names)]
+Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
+
+
+def check_site_parameters(
+    sites: Sequence[str], parameters: Mapping[str, Any], site_parameters: Mapping[str, Any]
+) -> None:
+    """Per-site parameters name listed sites only; every parameter name is an identifier."""
+    for site in site_parameters:
+        if site not in sites:
+            raise ValueError(f"site_parameters names site {site!r}, which is not in sites")
+    for name in (n for group in (parameters, *site_parameters.values()) for n in group):
+        if not name.isidentifier():
+            raise ValueError(f"parameter name {name!r} is not a Python identifier")
+
+
 class StudyManifest(BaseModel):
     """What a study is: its title, purpose, target sites, parameters and notebook hash."""
 
@@ -104,11 +155,11 @@ class StudyManifest(BaseModel):
     title: str = Field(min_length=1, max_length=500)
     purpose: str = Field(max_length=10_000)
     researcher: str = Field(min_length=1, max_length=200)
-    created: str
-    sites: list[str] = Field(min_length=1)
+    created: UtcTimestamp
+    sites: SiteNames
     parameters: dict[str, Any]
     site_parameters: dict[str, dict[str, Any]]
-    notebook_sha256: str
+    notebook_sha256: Sha256Hex
 
     @field_validator("title", "researcher")
     @classmethod
@@ -117,43 +168,9 @@ class StudyManifest(BaseModel):
             raise ValueError("must not be blank")
         return value
 
-    @field_validator("created")
-    @classmethod
-    def _utc_iso(cls, value: str) -> str:
-        if not _CREATED_RE.fullmatch(value):
-            raise ValueError("must be a UTC time as YYYY-MM-DDTHH:MM:SSZ")
-        try:
-            dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
-        except ValueError:
-            raise ValueError("is not a valid date and time") from None
-        return value
-
-    @field_validator("notebook_sha256")
-    @classmethod
-    def _sha256(cls, value: str) -> str:
-        if not _SHA256_RE.fullmatch(value):
-            raise ValueError("must be 64 lower-case hex digits")
-        return value
-
-    @field_validator("sites")
-    @classmethod
-    def _site_names(cls, value: list[str]) -> list[str]:
-        for site in value:
-            if not _SITE_RE.fullmatch(site):
-                raise ValueError(f"site name {site!r} must match [a-z0-9_]{{1,64}}")
-        if len(set(value)) != len(value):
-            raise ValueError("a site is listed twice")
-        return value
-
     @model_validator(mode="after")
     def _parameter_names(self) -> StudyManifest:
-        for site in self.site_parameters:
-            if site not in self.sites:
-                raise ValueError(f"site_parameters names site {site!r}, which is not in sites")
-        groups = [self.parameters, *self.site_parameters.values()]
-        for name in (n for group in groups for n in group):
-            if not name.isidentifier():
-                raise ValueError(f"parameter name {name!r} is not a Python identifier")
+        check_site_parameters(self.sites, self.parameters, self.site_parameters)
         return self
 
     def parameters_for(self, site: str) -> dict[str, Any]:

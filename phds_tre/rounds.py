@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import nbformat
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from phds_tre.bundle import StudyManifest
+from phds_tre.bundle import (
+    Sha256Hex,
+    SiteNames,
+    StudyManifest,
+    UtcTimestamp,
+    check_site_parameters,
+)
 from phds_tre.execute.parameters import ParameterError, validate_parameters
 from phds_tre.release.signing import canonical_json, sign_manifest, verify_manifest_signature
 
@@ -50,10 +55,6 @@ ROUND_SCHEMA = "phds.round/1"
 #: Largest round number (a runaway loop stops long before a database column overflows).
 MAX_ROUND = 10_000
 
-_SITE_RE = re.compile(r"[a-z0-9_]{1,64}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-
 
 class RoundError(ValueError):
     """A round document that cannot be built, or that does not verify; one-line message."""
@@ -65,46 +66,17 @@ class RoundDocument(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     schema_: Literal["phds.round/1"] = Field(alias="schema")
-    study_id: str
+    study_id: Sha256Hex
     round: int = Field(ge=2, le=MAX_ROUND)
-    sites: list[str] = Field(min_length=1)
+    sites: SiteNames
     parameters: dict[str, Any]
     site_parameters: dict[str, dict[str, Any]]
     researcher: str = Field(min_length=1, max_length=200)
-    created: str
-
-    @field_validator("study_id")
-    @classmethod
-    def _sha256(cls, value: str) -> str:
-        if not _SHA256_RE.fullmatch(value):
-            raise ValueError("must be 64 lower-case hex digits (a study id)")
-        return value
-
-    @field_validator("created")
-    @classmethod
-    def _utc_iso(cls, value: str) -> str:
-        if not _CREATED_RE.fullmatch(value):
-            raise ValueError("must be a UTC time as YYYY-MM-DDTHH:MM:SSZ")
-        return value
-
-    @field_validator("sites")
-    @classmethod
-    def _site_names(cls, value: list[str]) -> list[str]:
-        for site in value:
-            if not _SITE_RE.fullmatch(site):
-                raise ValueError(f"site name {site!r} must match [a-z0-9_]{{1,64}}")
-        if len(set(value)) != len(value):
-            raise ValueError("a site is listed twice")
-        return value
+    created: UtcTimestamp
 
     @model_validator(mode="after")
     def _parameter_names(self) -> RoundDocument:
-        for site in self.site_parameters:
-            if site not in self.sites:
-                raise ValueError(f"site_parameters names site {site!r}, which is not in sites")
-        for name in (n for g in (self.parameters, *self.site_parameters.values()) for n in g):
-            if not name.isidentifier():
-                raise ValueError(f"parameter name {name!r} is not a Python identifier")
+        check_site_parameters(self.sites, self.parameters, self.site_parameters)
         return self
 
     def to_json(self) -> dict[str, Any]:

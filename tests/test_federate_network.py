@@ -238,7 +238,7 @@ def test_run_glm_stops_with_the_reason_when_a_site_does_not_release(
     net = network_without_nodes
     failures: list[BaseException] = []
 
-    def fit(timeout: float) -> None:
+    def fit(timeout: float, title: str) -> None:
         with Client(net.url, net.researcher) as hub:
             try:
                 federate.run_glm(
@@ -247,6 +247,7 @@ def test_run_glm_stops_with_the_reason_when_a_site_does_not_release(
                     net.sites,
                     FORMULA,
                     levels=LEVELS,
+                    title=title,  # a study of its own (same bundle in one second: same id)
                     key=net.key,
                     round_timeout_s=timeout,
                     progress=False,
@@ -255,7 +256,7 @@ def test_run_glm_stops_with_the_reason_when_a_site_does_not_release(
                 failures.append(exc)
 
     # A site refuses the run: the fit stops at once, naming the site and its reason.
-    worker = threading.Thread(target=fit, args=(60.0,), daemon=True)
+    worker = threading.Thread(target=fit, args=(60.0, "refused"), daemon=True)
     worker.start()
     for site, token in net.tokens.items():
         claimed = httpx.post(f"{net.url}/nodes/next?wait=10", headers=_auth(token), timeout=30)
@@ -272,6 +273,6 @@ def test_run_glm_stops_with_the_reason_when_a_site_does_not_release(
     assert str(refused).startswith(f"round 1: {net.sites[0]} rejected (rejected by the test); ")
 
     # Nobody serves the sites: the round times out, naming what is unfinished.
-    fit(0.3)
+    fit(0.3, "unserved")
     assert isinstance(failures[-1], TimeoutError)
     assert re.fullmatch(r"round 1 of study \w+ unfinished: .*queued.*", str(failures[-1]))

@@ -118,6 +118,7 @@ def run_demo(
     report = _report(out_dir, studies, runs, results, echo)
     report["studies"]["sepsis_logistic.ipynb"] = glm.report(out_dir / "figures", data_root)
     report["ok"] = report["ok"] and glm.report_ok
+    report["figures"] = sorted(p.name for p in (out_dir / "figures").iterdir())
     _write_markdown(out_dir / "report.md", report)
     report["seconds"] = round(time.monotonic() - started, 1)
     summary_path = out_dir / "summary.json"
