@@ -55,6 +55,7 @@ from phds_tre.federate.shares import (
     FederatedShare,
     ShareCounts,
     ShareError,
+    coefficient_table,
     collect,
     dropped_lines,
     matrix_from_json,
@@ -286,17 +287,7 @@ class GLMResult:
 
     def summary(self) -> str:
         """A readable text summary: the table, the fit and who contributed."""
-        ci = self.conf_int()
-        table = pd.DataFrame(
-            {
-                "coef": self.params,
-                "std err": self.bse,
-                "z": self.tvalues,
-                "P>|z|": self.pvalues,
-                "[0.025": ci[0],
-                "0.975]": ci[1],
-            }
-        )
+        table = coefficient_table(self, "z")
         lines = [
             f"Federated GLM ({self.family}; exact IRLS: equals GLM on the pooled rows)",
             f"formula: {self.design.formula}",

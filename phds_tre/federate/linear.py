@@ -30,6 +30,7 @@ from phds_tre.federate.shares import (
     ShareCounts,
     ShareError,
     check_counts_against_gram,
+    coefficient_table,
     collect,
     dropped_lines,
     matrix_from_json,
@@ -230,17 +231,7 @@ class OLSResult:
 
     def summary(self) -> str:
         """A readable text summary: the table, the fit, and who contributed."""
-        ci = self.conf_int()
-        table = pd.DataFrame(
-            {
-                "coef": self.params,
-                "std err": self.bse,
-                "t": self.tvalues,
-                "P>|t|": self.pvalues,
-                "[0.025": ci[0],
-                "0.975]": ci[1],
-            }
-        )
+        table = coefficient_table(self, "t")
         lines = [
             "Federated OLS (exact: equals OLS on the pooled rows)",
             f"formula: {self.design.formula}",

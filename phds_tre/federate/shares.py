@@ -523,3 +523,18 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShareError(f"{path}: cannot read JSON ({exc})") from None
+
+
+def coefficient_table(result: Any, statistic: str) -> pd.DataFrame:
+    """statsmodels' summary table of a fitted result: coef, std err, ``statistic``, P, 95% CI."""
+    ci = result.conf_int()
+    return pd.DataFrame(
+        {
+            "coef": result.params,
+            "std err": result.bse,
+            statistic: result.tvalues,
+            f"P>|{statistic}|": result.pvalues,
+            "[0.025": ci[0],
+            "0.975]": ci[1],
+        }
+    )
