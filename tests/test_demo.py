@@ -70,9 +70,18 @@ def test_demo_runs_the_whole_network_and_writes_a_report(tmp_path: Path) -> None
     assert "hospital_c_girona" in glm["withheld"]  # too few deaths: named, not used
 
     # At least one output was held and decided by the demo reviewer, with a comment.
+    # The reviewer worked through each node's review API (phds node serve --review-port).
     decisions = [d for e in studies.values() for d in e["decisions"]]
     assert decisions and all(d["comment"] for d in decisions)
     assert {"approve", "reject"} <= {d["decision"] for d in decisions}
+    assert {d["reviewer"] for d in decisions} == {"demo-reviewer"}
+    manifest = json.loads(
+        (
+            out / "results" / "example" / decisions[0]["site"] / "release" / "manifest.json"
+        ).read_text()
+    )
+    assert manifest["review"]["released_by"] == "demo-reviewer"
+    assert {d["reviewer"] for d in manifest["decisions"].values()} == {"demo-reviewer"}
 
     # Every downloaded release verifies against its hospital's key, and an approved
     # output is in the released notebook.

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 __all__ = ["DEMO_STUDIES", "DemoResult", "notebooks_dir", "run_demo"]
 
 #: The demo studies: notebook file, title, what the coordinator does with the shares.
@@ -31,8 +33,6 @@ DEMO_STUDIES: tuple[tuple[str, str], ...] = (
 )
 #: Seconds the demo waits for all runs of all studies before giving up.
 DEMO_TIMEOUT_S = 600.0
-#: The demo reviewer's name (never the researcher: authors cannot review their own study).
-DEMO_REVIEWER = "demo-reviewer"
 _TERMINAL = {"released", "rejected", "failed", "cancelled"}
 
 
@@ -307,33 +307,45 @@ def _round(run: dict[str, Any]) -> str:
 def _review(network: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
     """The demo reviewer at the run's hospital decides every held output, then releases.
 
-    A reviewer confirms a table whose small cells were suppressed (the policy asks a
-    person to look at suppression) and rejects free text carrying numbers: that is
-    what the demo notebooks are written to show.
+    Through the node's review API (what the JupyterLab extension uses). A reviewer
+    confirms a table whose small cells were suppressed (the policy asks a person to
+    look at suppression) and rejects free text carrying numbers: that is what the
+    demo notebooks are written to show.
     """
-    from phds_tre.node import review
-
-    work = network.nodes[run["site"]].work_dir
+    node = network.nodes[run["site"]]
     made: list[dict[str, Any]] = []
-    for item in review.held_outputs(work, run["id"]):
-        structured = str(item.kind).startswith(("structured", "share"))
-        decision = "approve" if structured and item.status == "review" else "reject"
-        comment = (
-            "suppressed table checked: no suppressed cell can be recomputed"
-            if decision == "approve"
-            else "free text with numbers: publish it through the sdc API instead"
-        )
-        review.decide(work, run["id"], item.output, decision, comment, reviewer=DEMO_REVIEWER)
-        made.append(
-            {
-                "study": run.get("study_id"),
-                "site": run["site"],
-                "output": item.output,
-                "decision": decision,
-                "comment": comment,
-            }
-        )
-    review.release(work, run["id"], reviewer=DEMO_REVIEWER)
+    with httpx.Client(
+        base_url=node.review_url,
+        headers={"Authorization": f"Bearer {node.reviewer_token}"},
+        timeout=60.0,
+    ) as api:
+        held = api.get(f"/review/runs/{run['id']}")
+        held.raise_for_status()
+        for item in held.json()["outputs"]:
+            if not item["needs_decision"]:
+                continue
+            structured = str(item["kind"]).startswith(("structured", "share"))
+            decision = "approve" if structured and item["verdict"] == "review" else "reject"
+            comment = (
+                "suppressed table checked: no suppressed cell can be recomputed"
+                if decision == "approve"
+                else "free text with numbers: publish it through the sdc API instead"
+            )
+            api.post(
+                f"/review/runs/{run['id']}/outputs/{item['output']}/decision",
+                json={"decision": decision, "comment": comment},
+            ).raise_for_status()
+            made.append(
+                {
+                    "study": run.get("study_id"),
+                    "site": run["site"],
+                    "output": item["output"],
+                    "decision": decision,
+                    "comment": comment,
+                    "reviewer": network.reviewer,
+                }
+            )
+        api.post(f"/review/runs/{run['id']}/release", json={}).raise_for_status()
     return made
 
 

@@ -88,6 +88,9 @@ class NodeProcess:
     work_dir: Path
     key_path: Path
     log_path: Path
+    #: The node's review API (loopback) and the demo reviewer's token for it.
+    review_url: str = ""
+    reviewer_token: str = ""
     process: subprocess.Popen[bytes] | None = None
 
 
@@ -105,6 +108,8 @@ class LocalNetwork:
     sites: Sequence[str]
     policy_path: Path | None = None
     researcher: str = "demo-researcher"
+    #: Each hospital's reviewer (never the researcher: authors cannot review their study).
+    reviewer: str = "demo-reviewer"
     hub_url: str = ""
     researcher_token: str = ""
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
@@ -234,6 +239,13 @@ class LocalNetwork:
             log_path=self.root / "logs" / f"node-{site}.log",
         )
         node.work_dir.mkdir(parents=True, exist_ok=True)
+        # The hospital's reviewer works through the node's review API, as the JupyterLab
+        # extension will: a token issued by the site, the API on loopback only.
+        from phds_tre.node.api import issue_reviewer_token
+
+        node.reviewer_token = issue_reviewer_token(node.work_dir, self.reviewer)
+        review_port = free_port()
+        node.review_url = f"http://127.0.0.1:{review_port}"
         command = [
             *_phds_command(),
             "node",
@@ -250,6 +262,8 @@ class LocalNetwork:
             str(node.key_path),
             "--researcher-key",
             str(self.researcher_key.with_suffix(".pem.pub")),
+            "--review-port",
+            str(review_port),
         ]
         if self.policy_path is not None:
             command += ["--policy", str(self.policy_path)]
