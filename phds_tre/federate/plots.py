@@ -271,13 +271,15 @@ def forest_plot(
         frameon=False,
         fontsize=9,
     )
+    # Padded above the column header (which sits on the axes' top edge, to the right).
     if title:
-        ax.set_title(title)
+        ax.set_title(title, loc="left", pad=18)
     elif ma is not None:
         ax.set_title(
             f"{ma.k} sites · tau² = {ma.tau2:.3g} · I² = {100 * ma.i2:.0f}%",
             fontsize=10,
             loc="left",
+            pad=18,
         )
     return forest
 
