@@ -192,3 +192,28 @@ def test_cli_bootstraps_the_first_admin(hub_db_url: str, tmp_path: Path) -> None
         assert session.scalars(select(Principal.name)).all() == ["root"]
     store.dispose()
     assert (data / "audit.sqlite").exists()
+
+
+def test_a_claim_lost_on_the_way_is_handed_to_its_node_again(hub_db_url: str) -> None:
+    """The answer to a claim never arrived: the run stays queued under that node's lease."""
+    from phds_tre.hub.store import RECLAIM_SILENCE_S
+
+    store = Store(hub_db_url)
+    (run_id,) = _study(store, 1)
+    node_a = create_principal(store, "node-a", "node", "site_a", public_key="A" * 43 + "=")
+    node_b = create_principal(store, "node-b", "node", "site_a", public_key="B" * 43 + "=")
+    assert store.claim_next("site_a", node_a.id, "node:node-a") == run_id
+    # At once: neither the holder (it may still be starting it) nor another node gets it.
+    assert store.claim_next("site_a", node_a.id, "node:node-a") is None
+    assert store.claim_next("site_a", node_b.id, "node:node-b") is None
+    # Later, still queued (the holder never moved it on): the holder gets it again; the
+    # lease still keeps every other node away.
+    with store.session() as session:
+        run = session.get_one(Run, run_id)
+        assert run.lease_until is not None
+        run.lease_until -= dt.timedelta(seconds=RECLAIM_SILENCE_S + 1)
+    assert store.claim_next("site_a", node_b.id, "node:node-b") is None
+    assert store.claim_next("site_a", node_a.id, "node:node-a") == run_id
+    with store.session() as session:
+        assert session.get_one(Run, run_id).claims == 2
+    store.dispose()

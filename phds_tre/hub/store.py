@@ -68,6 +68,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Seconds after which a node may claim again a run it holds that is still queued. A
+#: node that received a claim moves the run on (running, rejected, awaiting approval)
+#: at once and only long-polls again when idle; a run still queued after this long had
+#: its claim's answer lost on the way (a dropped connection). Handing it to the same
+#: node again beats stranding it until the lease runs out.
+RECLAIM_SILENCE_S = 30.0
+
+
 class Store:
     """One database: migrated to the latest schema when opened; hands out sessions."""
 
@@ -174,7 +182,8 @@ class Store:
         """Claim the oldest claimable queued run of ``site`` for node ``node_id``; its id or None.
 
         A queued run is claimable when nobody holds it or the holder's lease ran out (a
-        node that died). The claim leaves the status ``queued`` (the node moves it on)
+        node that died) — and by its holder again once it has stayed queued for
+        :data:`RECLAIM_SILENCE_S` (the node never received the claim). The claim leaves the status ``queued`` (the node moves it on)
         and records the claim in the run's history.
         """
         now = utc_now()
@@ -182,7 +191,15 @@ class Store:
         claimable = and_(
             Run.site == site,
             Run.status == "queued",
-            or_(Run.lease_until.is_(None), Run.lease_until < now),
+            or_(
+                Run.lease_until.is_(None),
+                Run.lease_until < now,
+                # The holder claims it again: the answer to its claim was lost on the way.
+                and_(
+                    Run.claimed_by == node_id,
+                    Run.lease_until < lease - dt.timedelta(seconds=RECLAIM_SILENCE_S),
+                ),
+            ),
         )
         with self.session() as session:
             run_id: str | None
