@@ -616,22 +616,15 @@ def hub_create_principal_command(
     data_dir: Path,
 ) -> None:
     """Register a principal."""
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-
     from phds_tre.audit import AuditLog
     from phds_tre.hub.auth import create_principal
     from phds_tre.hub.store import Store, default_db_url
-    from phds_tre.release.signing import KeyFileError, load_public_key
+    from phds_tre.release.signing import KeyFileError, load_public_key, public_key_b64
 
     public_key = None
     try:
         if public_key_path:
-            raw = load_public_key(public_key_path).public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-            public_key = base64.b64encode(raw).decode("ascii")
+            public_key = public_key_b64(load_public_key(public_key_path))
         data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(db_url or default_db_url(data_dir))
         principal = create_principal(store, name, role, site, public_key)

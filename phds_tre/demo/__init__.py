@@ -150,13 +150,9 @@ class FederatedStudy(threading.Thread):
         """Fit the model through the hub's follow-up rounds (its own client session)."""
         from phds_tre.client import Hub
         from phds_tre.federate.network import run_glm
-        from phds_tre.release.signing import load_public_key
 
         notebook, formula, family, levels = GLM_STUDY
-        keys = {
-            s: [load_public_key(self.network.site_key(s).with_suffix(".pem.pub"))]
-            for s in self.network.sites
-        }
+        keys = self.network.site_public_keys()
         try:
             with Hub(self.network.hub_url, self.network.researcher_token) as hub:
                 self.fit = run_glm(
@@ -357,11 +353,7 @@ def _collect(
     echo: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
     """Download and verify every study's releases against the sites' own keys."""
-    from phds_tre.release.signing import load_public_key
-
-    keys = {
-        s: [load_public_key(network.site_key(s).with_suffix(".pem.pub"))] for s in network.sites
-    }
+    keys = network.site_public_keys()
     collected: dict[str, dict[str, Any]] = {}
     for notebook, study in studies.items():
         target = out_dir / "results" / _slug(Path(notebook).stem)

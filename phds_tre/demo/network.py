@@ -13,7 +13,6 @@ grace period), so the demo never leaves servers behind.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import socket
@@ -27,6 +26,14 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from phds_tre.release.signing import (
+    generate_key,
+    load_public_key,
+    public_key_b64,
+    public_key_path,
+)
 
 __all__ = ["LocalNetwork", "NetworkError", "NodeProcess", "free_port"]
 
@@ -58,21 +65,8 @@ def _phds_command() -> list[str]:
     return [sys.executable, "-c", "from phds_tre.cli import main; main()"]
 
 
-def _public_key_b64(public_path: Path) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    from phds_tre.release.signing import load_public_key
-
-    raw = load_public_key(public_path).public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    return base64.b64encode(raw).decode("ascii")
-
-
 def _ensure_key(path: Path) -> Path:
     """An Ed25519 key pair at ``path`` / ``path.pub`` (made once, kept for later runs)."""
-    from phds_tre.release.signing import generate_key
-
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         generate_key(path)
@@ -137,6 +131,10 @@ class LocalNetwork:
         """A site's release signing key."""
         return self.keys_dir / f"{site}.pem"
 
+    def site_public_keys(self) -> dict[str, list[Ed25519PublicKey]]:
+        """Each site's public key: what the researcher trusts its releases to be signed with."""
+        return {s: [load_public_key(public_key_path(self.site_key(s)))] for s in self.sites}
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def __enter__(self) -> LocalNetwork:
@@ -188,7 +186,11 @@ class LocalNetwork:
             for name, role, site, key in wanted:
                 try:
                     create_principal(
-                        store, name, role, site, _public_key_b64(key.with_suffix(".pem.pub"))
+                        store,
+                        name,
+                        role,
+                        site,
+                        public_key_b64(load_public_key(public_key_path(key))),
                     )
                 except ValueError as exc:
                     if "already exists" not in str(exc):
@@ -261,7 +263,7 @@ class LocalNetwork:
             "--key",
             str(node.key_path),
             "--researcher-key",
-            str(self.researcher_key.with_suffix(".pem.pub")),
+            str(public_key_path(self.researcher_key)),
             "--review-port",
             str(review_port),
         ]

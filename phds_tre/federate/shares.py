@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,9 +305,9 @@ class FederatedShare(SDCOutput[ShareEvaluation]):
         """Rows used at this site (local information; released only when the share passes)."""
         return self.counts.n
 
+    @abstractmethod
     def public(self) -> dict[str, Any]:
         """The statistics the coordinator combines (numbers ``None`` when the share fails)."""
-        raise NotImplementedError
 
     def to_payload(self) -> dict[str, Any]:
         """The structured payload plus a ``federate`` block with what the coordinator needs."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -322,6 +323,42 @@ async def _read_body(request: Request, limit: int, what: str, media: tuple[str, 
 # -- the operations, run in worker threads (the store is synchronous) ---------------------
 
 
+def _queue_runs(
+    session: Session,
+    study_id: str,
+    sites: Sequence[str],
+    round_number: int,
+    actor: str,
+    now: dt.datetime,
+    submitted: str,
+    queued: str,
+) -> list[str]:
+    """One queued run per site for a study's round, with its first two history entries."""
+    run_ids = []
+    for site in sites:
+        run = Run(
+            id=str(uuid.uuid4()),
+            study_id=study_id,
+            site=site,
+            round=round_number,
+            status="queued",
+            cells_done=0,
+            cells_total=0,
+            created=now,
+            updated=now,
+            claims=0,
+        )
+        session.add(run)
+        session.add_all(
+            [
+                RunEvent(run_id=run.id, at=now, status="submitted", actor=actor, detail=submitted),
+                RunEvent(run_id=run.id, at=now, status="queued", actor="hub", detail=queued),
+            ]
+        )
+        run_ids.append(run.id)
+    return run_ids
+
+
 def _submit(hub: Hub, caller: Caller, data: bytes) -> tuple[StudyOut, bool]:
     """Verify and store a study bundle; (the study, whether it is new)."""
     trusted = [parse_public_key(caller.public_key)] if caller.public_key else []
@@ -383,37 +420,9 @@ def _submit(hub: Hub, caller: Caller, data: bytes) -> tuple[StudyOut, bool]:
         try:
             with hub.store.session() as session:
                 session.add(study)
-                for site in manifest.sites:
-                    run = Run(
-                        id=str(uuid.uuid4()),
-                        study_id=study_id,
-                        site=site,
-                        status="queued",
-                        cells_done=0,
-                        cells_total=0,
-                        created=now,
-                        updated=now,
-                        claims=0,
-                    )
-                    session.add(run)
-                    session.add_all(
-                        [
-                            RunEvent(
-                                run_id=run.id,
-                                at=now,
-                                status="submitted",
-                                actor=caller.actor,
-                                detail="",
-                            ),
-                            RunEvent(
-                                run_id=run.id,
-                                at=now,
-                                status="queued",
-                                actor="hub",
-                                detail="bundle verified",
-                            ),
-                        ]
-                    )
+                _queue_runs(
+                    session, study_id, manifest.sites, 1, caller.actor, now, "", "bundle verified"
+                )
         except IntegrityError:
             # The same study submitted twice at once: the other request stored it.
             return _submit_existing(hub, caller, study_id)
@@ -486,7 +495,7 @@ def _submit_round(hub: Hub, caller: Caller, study_id: str, body: RoundIn) -> Rou
             422, "the round's parameters do not fit the notebook", problems, subject=study_id
         )
     now = utc_now()
-    run_ids: list[str] = []
+    run_ids: list[str]
     try:
         with hub.store.session() as session:
             session.add(
@@ -500,39 +509,16 @@ def _submit_round(hub: Hub, caller: Caller, study_id: str, body: RoundIn) -> Rou
                 )
             )
             session.flush()  # the unique (study, number) refuses a concurrent duplicate here
-            for site in document.sites:
-                run = Run(
-                    id=str(uuid.uuid4()),
-                    study_id=study_id,
-                    site=site,
-                    round=document.round,
-                    status="queued",
-                    cells_done=0,
-                    cells_total=0,
-                    created=now,
-                    updated=now,
-                    claims=0,
-                )
-                run_ids.append(run.id)
-                session.add(run)
-                session.add_all(
-                    [
-                        RunEvent(
-                            run_id=run.id,
-                            at=now,
-                            status="submitted",
-                            actor=caller.actor,
-                            detail=f"round {document.round}",
-                        ),
-                        RunEvent(
-                            run_id=run.id,
-                            at=now,
-                            status="queued",
-                            actor="hub",
-                            detail=f"round {document.round} verified",
-                        ),
-                    ]
-                )
+            run_ids = _queue_runs(
+                session,
+                study_id,
+                document.sites,
+                document.round,
+                caller.actor,
+                now,
+                f"round {document.round}",
+                f"round {document.round} verified",
+            )
     except IntegrityError:
         raise HubError(409, f"round {document.round} exists already", subject=study_id) from None
     hub.record(

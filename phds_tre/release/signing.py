@@ -33,6 +33,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "public_key_b64",
     "public_key_path",
     "sign_manifest",
     "verify_manifest_signature",
@@ -59,6 +60,11 @@ def _raw(public_key: Ed25519PublicKey) -> bytes:
 def key_id(public_key: Ed25519PublicKey) -> str:
     """The key id: sha256 (hex) of the raw 32-byte public key."""
     return hashlib.sha256(_raw(public_key)).hexdigest()
+
+
+def public_key_b64(public_key: Ed25519PublicKey) -> str:
+    """The raw 32-byte public key in base64: how the hub registers a principal's key."""
+    return base64.b64encode(_raw(public_key)).decode("ascii")
 
 
 def public_key_path(private_path: str | Path) -> Path:
